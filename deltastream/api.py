@@ -1,0 +1,68 @@
+"""The Python API: one function per command, taking what the CLI takes.
+
+    import deltastream as ds
+    ds.compress("base/", "finetune/", "ft.dsz", method="lossless")
+    ds.apply("base/", "ft.dsz", "rebuilt/")
+    ds.info("ft.dsz")["ratio"]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import jobs
+from .engine import RunOptions
+from .methods import Method, get_method
+from .plan import DEFAULT_CHUNK_BYTES
+from .units import parse_size
+
+__all__ = ["compress", "apply", "verify", "info", "DEFAULT_MEMORY_BYTES"]
+
+#: the memory budget for chunks in flight; the chunk size shrinks to fit it
+DEFAULT_MEMORY_BYTES = 1 << 30
+#: peak private bytes one running task holds per byte of input chunk (output, codec buffers)
+TASK_FOOTPRINT = 4
+
+
+def run_options(workers: int | None = None, scheduler: str | None = None, progress: bool | None = None,
+                client: Any = None) -> RunOptions:
+    return RunOptions(workers=workers, scheduler=scheduler, progress=progress, client=client)
+
+
+def effective_chunk_bytes(chunk_size: int | str | None, memory: int | str | None, options: RunOptions) -> int:
+    """The chunk size, shrunk so that workers x footprint x chunk fits the memory budget."""
+    chunk = parse_size(chunk_size, "chunk size") if chunk_size is not None else DEFAULT_CHUNK_BYTES
+    budget = parse_size(memory, "memory budget") if memory is not None else DEFAULT_MEMORY_BYTES
+    fit = budget // (options.n_workers * TASK_FOOTPRINT)
+    return min(chunk, max(fit, 1 << 16))
+
+
+def compress(base: str, fine_tune: str, out: str, method: str | Method = "lossless", *,
+             chunk_size: int | str | None = None, memory: int | str | None = None, seed: int | None = None,
+             overwrite: bool = False, workers: int | None = None, scheduler: str | None = None,
+             progress: bool | None = False, client: Any = None, **params: Any) -> str:
+    """Compress fine_tune's delta against base into the artifact ``out``."""
+    m = method if isinstance(method, Method) else get_method(method, **params)
+    options = run_options(workers, scheduler, progress, client)
+    return jobs.compress(base, fine_tune, out, m, chunk_bytes=effective_chunk_bytes(chunk_size, memory, options),
+                         seed=seed, overwrite=overwrite, options=options)
+
+
+def apply(base: str, artifact: str, out: str, *, max_shard_size: int | str = "5GB", overwrite: bool = False,
+          workers: int | None = None, scheduler: str | None = None, progress: bool | None = False,
+          client: Any = None) -> str:
+    """Rebuild the (edited) fine-tune from base + artifact into the checkpoint folder ``out``."""
+    return jobs.apply(base, artifact, out, max_shard_size=parse_size(max_shard_size, "max shard size"),
+                      overwrite=overwrite, options=run_options(workers, scheduler, progress, client))
+
+
+def verify(artifact: str, base: str | None = None, *, workers: int | None = None, scheduler: str | None = None,
+           progress: bool | None = False, client: Any = None) -> dict[str, Any]:
+    """Check an artifact (and, given a base, that it is the right one); raise on any problem."""
+    jobs.verify(artifact, base, options=run_options(workers, scheduler, progress, client))
+    return {"artifact": artifact, "base": base, "ok": True}
+
+
+def info(artifact: str) -> dict[str, Any]:
+    """An artifact's manifest summary, stored sizes and ratios, as JSON-able data."""
+    return jobs.info(artifact)

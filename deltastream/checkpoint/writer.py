@@ -1,0 +1,143 @@
+"""A streaming safetensors writer: headers first, then each chunk written in place.
+
+Shapes and dtypes of every output tensor are known from the plan, so each shard's header (and
+so every tensor's byte offset) is fixed before any data exists. ``create`` writes the headers
+and reserves each shard's full size on disk (a full disk fails here, before the heavy work);
+tasks then ``pwrite`` their chunks at known offsets, in any order and from any process that
+sees the folder, and nothing is ever buffered beyond one chunk. Sharding and file names follow
+Hugging Face (``model-00001-of-00003.safetensors`` + ``model.safetensors.index.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..dtypes import dtype_by_name
+from ..errors import DeltastreamError, tensor_context
+from .reader import INDEX_NAME, SINGLE_NAME
+
+__all__ = ["OutputTensor", "CheckpointWriter", "plan_shards", "write_at", "shard_name"]
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """A tensor the writer will hold: name, safetensors dtype string, shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtype_by_name(self.dtype).itemsize
+
+
+def shard_name(i: int, n: int) -> str:
+    return SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def plan_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[list[OutputTensor]]:
+    """Split tensors, in order, into shards of at most max_shard_size bytes (a bigger tensor alone)."""
+    shards: list[list[OutputTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _header_bytes(tensors: list[OutputTensor], metadata: dict[str, str]) -> bytes:
+    doc: dict[str, object] = {"__metadata__": {"format": "pt", **metadata}}
+    offset = 0
+    for t in tensors:
+        doc[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class CheckpointWriter:
+    """Lays out a sharded checkpoint in a folder and tells tasks where each tensor's bytes go."""
+
+    def __init__(self, folder: str, tensors: list[OutputTensor], max_shard_size: int,
+                 metadata: dict[str, str] | None = None):
+        self.folder = folder
+        self.metadata = dict(metadata or {})
+        self.metadata.pop("format", None)
+        self.shards = plan_shards(tensors, max_shard_size)
+        self._where: dict[str, tuple[str, int]] = {}
+        self._headers: list[bytes] = []
+        for i, shard in enumerate(self.shards):
+            header = _header_bytes(shard, self.metadata)
+            self._headers.append(header)
+            offset = len(header)
+            path = os.path.join(folder, shard_name(i, len(self.shards)))
+            for t in shard:
+                self._where[t.name] = (path, offset)
+                offset += t.nbytes
+
+    def location(self, name: str) -> tuple[str, int]:
+        """(file path, absolute offset) of a tensor's first byte."""
+        return self._where[name]
+
+    @property
+    def total_size(self) -> int:
+        return sum(t.nbytes for shard in self.shards for t in shard)
+
+    def create(self) -> None:
+        """Write every shard's header, reserve its data, and write the index if sharded."""
+        n = len(self.shards)
+        for i, (shard, header) in enumerate(zip(self.shards, self._headers)):
+            path = os.path.join(self.folder, shard_name(i, n))
+            size = len(header) + sum(t.nbytes for t in shard)
+            try:
+                with open(path, "wb") as f:
+                    f.write(header)
+                    _reserve(f.fileno(), size)
+            except OSError as exc:
+                raise DeltastreamError(f"{tensor_context(path)}: cannot create output: "
+                                       f"{exc.strerror or exc}") from None
+        if n > 1:
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": {t.name: shard_name(i, n) for i, shard in enumerate(self.shards) for t in shard},
+            }
+            with open(os.path.join(self.folder, INDEX_NAME), "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2, ensure_ascii=False)
+                f.write("\n")
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Give the file its final size, claiming the blocks now where the filesystem allows."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (95, 22):  # EOPNOTSUPP, EINVAL: filesystem cannot; fall back below
+            raise
+    os.ftruncate(fd, size)
+
+
+def write_at(path: str, offset: int, data: np.ndarray, tensor: str = "") -> None:
+    """Write an array's bytes at an absolute file offset (called from tasks, any process)."""
+    view = memoryview(np.ascontiguousarray(data)).cast("B")
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view = view[written:]
+                offset += written
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise DeltastreamError(f"{tensor_context(path, tensor or None)}: cannot write output: "
+                               f"{exc.strerror or exc}") from None

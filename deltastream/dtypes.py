@@ -1,0 +1,79 @@
+"""The safetensors dtypes, and how deltastream holds each of them in numpy.
+
+Every dtype is read as its raw bit pattern (an unsigned integer of the same width) so that
+lossless paths never round; float dtypes that numpy can compute in (F64, F32, F16, and BF16
+widened through its bits) also have a float view for the lossy methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["DType", "DTYPES", "dtype_by_name", "to_float32"]
+
+
+@dataclass(frozen=True)
+class DType:
+    """One safetensors dtype: its name, width, and how numpy sees it."""
+
+    name: str
+    itemsize: int
+    kind: str  # "float", "int", "uint", "bool", "complex"
+    numpy: str | None = None  # numpy dtype computing in it directly, if any
+
+    @property
+    def bits(self) -> np.dtype:
+        """The unsigned integer dtype that holds the bit pattern of one element."""
+        return np.dtype(f"<u{self.itemsize}")
+
+    @property
+    def is_float(self) -> bool:
+        return self.kind == "float"
+
+
+_TABLE = [
+    DType("F64", 8, "float", "<f8"),
+    DType("F32", 4, "float", "<f4"),
+    DType("F16", 2, "float", "<f2"),
+    DType("BF16", 2, "float"),
+    DType("F8_E4M3", 1, "float"),
+    DType("F8_E4M3FNUZ", 1, "float"),
+    DType("F8_E5M2", 1, "float"),
+    DType("F8_E5M2FNUZ", 1, "float"),
+    DType("F8_E8M0", 1, "float"),
+    DType("C64", 8, "complex", "<c8"),
+    DType("I64", 8, "int", "<i8"),
+    DType("I32", 4, "int", "<i4"),
+    DType("I16", 2, "int", "<i2"),
+    DType("I8", 1, "int", "<i1"),
+    DType("U64", 8, "uint", "<u8"),
+    DType("U32", 4, "uint", "<u4"),
+    DType("U16", 2, "uint", "<u2"),
+    DType("U8", 1, "uint", "<u1"),
+    DType("BOOL", 1, "bool", "|b1"),
+]
+
+DTYPES: dict[str, DType] = {d.name: d for d in _TABLE}
+
+
+def dtype_by_name(name: str) -> DType | None:
+    """The DType for a safetensors dtype string, or None if deltastream does not know it."""
+    return DTYPES.get(name)
+
+
+def to_float32(bits: np.ndarray, dtype: DType, out: np.ndarray | None = None) -> np.ndarray:
+    """Widen a chunk given as bit patterns to float32 (exact for BF16, F16; rounds F64)."""
+    if dtype.name == "BF16":
+        if out is None:
+            out = np.empty(bits.shape, np.float32)
+        out.view(np.uint32)[...] = bits.astype(np.uint32) << 16
+        return out
+    if dtype.numpy is None or not dtype.is_float:
+        raise TypeError(f"dtype {dtype.name} has no float32 view")
+    values = bits.view(dtype.numpy)
+    if out is None:
+        return values.astype(np.float32)
+    out[...] = values
+    return out

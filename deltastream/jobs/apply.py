@@ -1,0 +1,164 @@
+"""``apply`` and ``verify``: rebuild a fine-tune from base + artifact, chunk by chunk.
+
+Before any output exists, the base is checked against the artifact's fingerprint: every tensor
+present with the recorded dtype and shape, and the CRC of each tensor's first 64 KiB. During the
+run every base chunk's CRC is checked too (a base that differs deeper inside is still refused,
+and the partial output removed), and every rebuilt chunk's CRC must equal the fine-tune's,
+which proves the rebuild bit-exact. ``verify`` runs the same tasks without writing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..artifact.manifest import Manifest, TensorEntry, load_manifest
+from ..artifact.store import chunk_file, read_chunk, read_side_file
+from ..dtypes import DType
+from ..checkpoint import Checkpoint, CheckpointWriter, OutputTensor, TensorInfo, open_checkpoint, read_bits
+from ..checkpoint.writer import write_at
+from ..checksum import crc32c
+from ..engine import RunOptions, atomic_output, run_tasks
+from ..errors import CorruptChunkError, WrongBaseError, tensor_context
+from ..methods import Method, StoredArray
+from ..plan import Chunk, chunk_ranges
+from .compress import head_crc32c
+
+__all__ = ["apply", "verify", "RebuildTask", "rebuild_chunk", "check_chunk", "check_base", "DEFAULT_MAX_SHARD"]
+
+DEFAULT_MAX_SHARD = 5 * 10**9  # Hugging Face's default
+
+
+@dataclass(frozen=True)
+class RebuildTask:
+    root: str
+    entry_key: str
+    tensor: str
+    dtype: DType
+    chunk: Chunk
+    base: TensorInfo | None
+    base_crc: int | None
+    ft_crc: int
+    stored: bool
+    method: Method
+    arrays: tuple[StoredArray, ...]
+    out_path: str | None  # None: verify only
+    out_offset: int
+
+
+def rebuild_chunk(task: RebuildTask) -> dict:
+    c = task.chunk
+    if task.base is not None:
+        base = read_bits(task.base, c.start, c.stop)
+        if crc32c(base) != task.base_crc:
+            raise WrongBaseError(f"{tensor_context(task.base.path, task.tensor)}: the base differs from the "
+                                 f"one the artifact was made from (chunk {c.index}, elements {c.start}..{c.stop})")
+    else:  # a tensor new in the fine-tune is stored against zeros
+        base = np.zeros(c.stop - c.start, task.dtype.bits)
+    stored = _stored_chunk(task)
+    out = task.method.decode(base, stored, task.dtype)
+    if crc32c(out) != task.ft_crc:
+        where = chunk_file(task.root, task.entry_key, task.arrays[0].role, c.index) if task.arrays else task.root
+        raise CorruptChunkError(f"tensor '{task.tensor}' in file '{where}': rebuilt chunk {c.index} does not "
+                                "match the fine-tune's checksum (corrupt or missing artifact chunk)")
+    if task.out_path is not None:
+        write_at(task.out_path, task.out_offset + c.start * out.itemsize, out, task.tensor)
+    return {}
+
+
+def _stored_chunk(task: RebuildTask) -> dict[str, np.ndarray]:
+    """The chunk's stored arrays; one that was never written (all zeros) is the fill value."""
+    i = task.chunk.index
+    if task.stored:
+        return {s.role: read_chunk(task.root, task.entry_key, s, i, task.tensor) for s in task.arrays}
+    return {s.role: np.zeros(max(0, min(s.chunk_len, s.total_len - i * s.chunk_len)), s.dtype)
+            for s in task.arrays}
+
+
+def check_chunk(task: RebuildTask) -> dict:
+    """verify without a base: a stored chunk must exist and pass its checksum."""
+    if task.stored:
+        for s in task.arrays:
+            path = chunk_file(task.root, task.entry_key, s.role, task.chunk.index)
+            if not os.path.isfile(path):
+                raise CorruptChunkError(f"tensor '{task.tensor}' in file '{path}': stored chunk is missing")
+        _stored_chunk(task)
+    return {}
+
+
+def check_base(manifest: Manifest, base: Checkpoint) -> None:
+    """Refuse a base that is not the artifact's, reading only 64 KiB per tensor."""
+    expected = {t.name: t for t in manifest.tensors if t.base is not None}
+    for name, info in base.tensors.items():
+        if name not in expected:
+            raise WrongBaseError(f"{tensor_context(info.path, name)}: not in the artifact's base: "
+                                 f"wrong base for '{manifest.path}'")
+    for name, entry in expected.items():
+        info = base.tensors.get(name)
+        if info is None:
+            raise WrongBaseError(f"{tensor_context(base.path, name)}: missing from the base: "
+                                 f"wrong base for '{manifest.path}'")
+        fp = entry.base
+        if info.dtype.name != fp["dtype"] or list(info.shape) != fp["shape"]:
+            raise WrongBaseError(f"{tensor_context(info.path, name)}: {info.dtype.name} {info.shape}, but the "
+                                 f"artifact's base has {fp['dtype']} {tuple(fp['shape'])}: wrong base")
+        if head_crc32c(info, manifest.doc["head_bytes"]) != fp["head_crc32c"]:
+            raise WrongBaseError(f"{tensor_context(info.path, name)}: contents differ from the artifact's "
+                                 f"base: wrong base for '{manifest.path}'")
+
+
+def _tasks(manifest: Manifest, base: Checkpoint | None, where=None) -> list[RebuildTask]:
+    tasks = []
+    for entry in manifest.tensors:
+        arrays = tuple(manifest.arrays(entry))
+        out_path, out_offset = where(entry.name) if where else (None, 0)
+        binfo = base.tensors[entry.name] if base is not None and entry.base is not None else None
+        for i, (start, stop) in enumerate(chunk_ranges(entry.numel, entry.chunk_elems)):
+            tasks.append(RebuildTask(
+                root=manifest.path, entry_key=entry.key, tensor=entry.name, dtype=entry.dtype,
+                chunk=Chunk(entry.name, i, start, stop), base=binfo,
+                base_crc=entry.base["chunk_crc32c"][i] if binfo is not None else None,
+                ft_crc=entry.ft_chunk_crc32c[i], stored=entry.stored_chunks[i],
+                method=manifest.method, arrays=arrays, out_path=out_path, out_offset=out_offset))
+    return tasks
+
+
+def _run(fn, tasks: list[RebuildTask], name: str, options: RunOptions, entries: list[TensorEntry]) -> None:
+    itemsize = {e.name: e.dtype.itemsize for e in entries}
+    run_tasks(fn, tasks, name=name, options=options,
+              total_bytes=sum(e.nbytes for e in entries),
+              bytes_of=lambda t: (t.chunk.stop - t.chunk.start) * itemsize[t.tensor])
+
+
+def apply(base: str, artifact: str, out: str, *, max_shard_size: int = DEFAULT_MAX_SHARD,
+          overwrite: bool = False, options: RunOptions = RunOptions()) -> str:
+    """Rebuild the fine-tune into the checkpoint folder ``out``; return its path."""
+    manifest = load_manifest(os.path.abspath(artifact))
+    base_ckpt = open_checkpoint(base)
+    check_base(manifest, base_ckpt)
+    outputs = [OutputTensor(e.name, e.dtype.name, e.shape) for e in manifest.tensors]
+    with atomic_output(out, overwrite=overwrite, inputs=[base_ckpt.path, manifest.path]) as folder:
+        writer = CheckpointWriter(folder, outputs, max_shard_size, manifest.doc.get("fine_tune_metadata"))
+        writer.create()
+        for name, key in manifest.side_files.items():
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(read_side_file(manifest.path, key, name))  # names checked on load
+        _run(rebuild_chunk, _tasks(manifest, base_ckpt, writer.location), "apply", options, manifest.tensors)
+    return os.path.abspath(out)
+
+
+def verify(artifact: str, base: str | None = None, *, options: RunOptions = RunOptions()) -> Manifest:
+    """Check an artifact's integrity; with a base, also that it is the right base and that the
+    rebuild reproduces the fine-tune's checksums. Raises on the first problem."""
+    manifest = load_manifest(os.path.abspath(artifact))
+    for name, key in manifest.side_files.items():
+        read_side_file(manifest.path, key, name)
+    if base is not None:
+        base_ckpt = open_checkpoint(base)
+        check_base(manifest, base_ckpt)
+        _run(rebuild_chunk, _tasks(manifest, base_ckpt), "verify", options, manifest.tensors)
+    else:
+        _run(check_chunk, _tasks(manifest, None), "verify", options, manifest.tensors)
+    return manifest

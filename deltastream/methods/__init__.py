@@ -1,0 +1,28 @@
+"""The method registry: one line per method. An unknown name lists the valid ones."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ParameterError
+from .base import Method, StoredArray
+from .lossless import Lossless
+
+__all__ = ["METHODS", "Method", "StoredArray", "get_method", "method_from_config"]
+
+METHODS: dict[str, type[Method]] = {
+    Lossless.method_id: Lossless,
+}
+
+
+def get_method(name: str, **params: Any) -> Method:
+    try:
+        cls = METHODS[name]
+    except KeyError:
+        raise ParameterError(f"unknown method '{name}'; valid methods: {', '.join(sorted(METHODS))}") from None
+    return cls(**params)
+
+
+def method_from_config(config: dict[str, Any]) -> Method:
+    config = dict(config)
+    return get_method(config.pop("id"), **config)
