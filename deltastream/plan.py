@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 from .checkpoint import Checkpoint, TensorInfo
-from .errors import MismatchError, ParameterError, tensor_context
+from .errors import MismatchError, tensor_context
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "TensorPlan", "Chunk", "chunk_elements", "chunk_ranges", "pair_tensors"]
 
@@ -56,9 +56,7 @@ class Chunk:
 
 def chunk_elements(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> int:
     """Elements per chunk: at most chunk_bytes, a whole number of rows when one row fits."""
-    if chunk_bytes < itemsize:
-        raise ParameterError(f"chunk size {chunk_bytes} bytes is smaller than one element")
-    elems = chunk_bytes // itemsize
+    elems = max(1, chunk_bytes // itemsize)
     row = shape[-1] if len(shape) >= 2 else 0
     if 0 < row <= elems:
         elems -= elems % row

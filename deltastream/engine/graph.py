@@ -83,7 +83,7 @@ def _run_distributed(nodes, keys, sizes, progress, options: RunOptions) -> list[
         futures = client.compute(nodes)
         by_key = {f.key: f for f in futures}
         try:
-            for future in as_completed(futures):
+            for future in as_completed(futures, loop=client.loop):
                 future.result()  # raises the task's own exception here
                 progress.advance(sizes.get(future.key, 0))
         except BaseException:
