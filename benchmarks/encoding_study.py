@@ -50,6 +50,7 @@ DTYPES = ("bf16", "fp16", "fp32")
 CHUNK_BYTES = 16 * 2**20  # 16 MiB of (transformed) input bytes per chunk
 ENC_MIN_GBPS = 1.0  # "fast enough" thresholds used for picking the winner
 DEC_MIN_GBPS = 1.0
+ASSUMED_CORES = 4  # for the extrapolated "production box" pick from per-core numbers
 
 OUT_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "encoding_study.md")
 
@@ -389,7 +390,7 @@ def main() -> None:
                     rows.append((dtype, setting, tr.name, cname, res))
                 print(f"[{time.perf_counter() - t_start:6.1f}s] {dtype:4s} {setting:7s} {tr.name}", flush=True)
             if dtype == "bf16":
-                percore[setting] = measure_per_core(pairs, rows, setting)
+                percore[setting] = measure_per_core(pairs, rows, setting, percore)
             del pairs
         del layer
 
@@ -398,15 +399,17 @@ def main() -> None:
     print(f"wrote {OUT_MD}; total runtime {runtime:.1f}s")
 
 
-def measure_per_core(pairs, rows, setting: str) -> dict:
-    """Per-core throughput of a bf16 shortlist: top-6 ratios, the 3 fastest-encoding delta configs, raw zstd-3."""
+def measure_per_core(pairs, rows, setting: str, earlier: dict) -> dict:
+    """Per-core throughput of a bf16 shortlist: top-6 ratios, the 3 fastest-encoding delta configs, raw zstd-3,
+    plus every config already shortlisted for an earlier setting (so all settings cover the same configs)."""
     mine = [r for r in rows if r[0] == "bf16" and r[1] == setting and r[2] != "raw-ft (file)" and r[4]["exact"]]
     short = sorted(mine, key=lambda r: -r[4]["ratio"])[:6]
     short += sorted((r for r in mine if r[2] != "raw-ft"), key=lambda r: -r[4]["enc"])[:3]
     short += [r for r in mine if r[2] == "raw-ft" and r[3] == "ZstdCodec(level=3)"]
     tr_by_name = {t.name: t for t in TRANSFORMS}
+    keys = [(r[2], r[3]) for r in short] + [k for v in earlier.values() for k in v]
     out = {}
-    for _, _, tr, cname, _ in short:
+    for tr, cname in keys:
         if (tr, cname) in out:
             continue
         factory = dict(codec_list(2 if tr != "f32-diff" else 4))[cname]
@@ -532,6 +535,30 @@ def write_report(rows, zero_frac, delta_std, h0, torch_ok, runtime, repeat, perc
             L.append(f"**Runner-up**: {rtr} + `{rc}` -- {describe((rtr, rc), rv)}.\n")
     else:
         L.append(f"No bf16 configuration reached {ENC_MIN_GBPS} GB/s encode and decode on this machine.\n")
+    near = sorted({(tr, c) for d, _, tr, c, r in rows if d == "bf16" and tr != "raw-ft (file)"
+                   and 0.8 * ENC_MIN_GBPS <= r["enc"] < 1.2 * ENC_MIN_GBPS})
+    if near:
+        L.append(f"Caveat: 1 repetition on a noisy 2-core VM (+-10-20 %); {len(near)} bf16 configs had an encode "
+                 f"speed within +-20 % of the {ENC_MIN_GBPS} GB/s bar in at least one setting, so the strict pick "
+                 "can flip between near-tied fast configs from run to run (check with `--repeat 3`).\n")
+    if percore:
+        cand = []
+        for k in set.intersection(*(set(v) for v in percore.values())):
+            if all(min(percore[s_][k]) >= min(ENC_MIN_GBPS, DEC_MIN_GBPS) / ASSUMED_CORES for s_ in percore):
+                tot = sum(r[4]["stored"] for r in rows if r[0] == "bf16" and (r[2], r[3]) == k)
+                cand.append((tot, k))
+        if cand:
+            _, (ptr, pc) = min(cand)
+            pv = {r[1]: r[4] for r in rows if r[0] == "bf16" and (r[2], r[3]) == (ptr, pc)}
+            f3 = {s_: ref(s_, "raw-ft (file)", "numcodecs.Zstd")["stored"] for s_ in SETTINGS}
+            L.append(
+                f"**Extrapolated pick for a >= {ASSUMED_CORES}-core box** (not measured: assumes chunk-parallel "
+                f"linear scaling from the single-thread table below, i.e. per-core enc and dec >= "
+                f"{min(ENC_MIN_GBPS, DEC_MIN_GBPS) / ASSUMED_CORES:.2f} GB/s in both settings, best total stored "
+                f"size among the per-core shortlist): transform **{ptr}** + `{pc}` -- "
+                + ", ".join(f"`{s_}`: ratio {pv[s_]['ratio']:.3f} ({f3[s_] / pv[s_]['stored']:.3f}x smaller than "
+                            f"zstd-3 of the raw file), per-core enc/dec {percore[s_][(ptr, pc)][0]:.2f}/"
+                            f"{percore[s_][(ptr, pc)][1]:.2f} GB/s" for s_ in SETTINGS) + ".\n")
     (btr, bc), bv = best_any[0]
     L.append(f"Best bf16 ratio regardless of speed: {btr} + `{bc}` -- {describe((btr, bc), bv)}.\n")
     best_tr = {}

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import jobs
+from .jobs import apply as apply_job
+from .jobs import compress as compress_job
+from .jobs import info as info_job
 from .engine import RunOptions
 from .methods import Method, get_method
 from .plan import DEFAULT_CHUNK_BYTES
@@ -44,7 +46,7 @@ def compress(base: str, fine_tune: str, out: str, method: str | Method = "lossle
     """Compress fine_tune's delta against base into the artifact ``out``."""
     m = method if isinstance(method, Method) else get_method(method, **params)
     options = run_options(workers, scheduler, progress, client)
-    return jobs.compress(base, fine_tune, out, m, chunk_bytes=effective_chunk_bytes(chunk_size, memory, options),
+    return compress_job.compress(base, fine_tune, out, m, chunk_bytes=effective_chunk_bytes(chunk_size, memory, options),
                          seed=seed, overwrite=overwrite, options=options)
 
 
@@ -52,17 +54,17 @@ def apply(base: str, artifact: str, out: str, *, max_shard_size: int | str = "5G
           workers: int | None = None, scheduler: str | None = None, progress: bool | None = False,
           client: Any = None) -> str:
     """Rebuild the (edited) fine-tune from base + artifact into the checkpoint folder ``out``."""
-    return jobs.apply(base, artifact, out, max_shard_size=parse_size(max_shard_size, "max shard size"),
+    return apply_job.apply(base, artifact, out, max_shard_size=parse_size(max_shard_size, "max shard size"),
                       overwrite=overwrite, options=run_options(workers, scheduler, progress, client))
 
 
 def verify(artifact: str, base: str | None = None, *, workers: int | None = None, scheduler: str | None = None,
            progress: bool | None = False, client: Any = None) -> dict[str, Any]:
     """Check an artifact (and, given a base, that it is the right one); raise on any problem."""
-    jobs.verify(artifact, base, options=run_options(workers, scheduler, progress, client))
+    apply_job.verify(artifact, base, options=run_options(workers, scheduler, progress, client))
     return {"artifact": artifact, "base": base, "ok": True}
 
 
 def info(artifact: str) -> dict[str, Any]:
     """An artifact's manifest summary, stored sizes and ratios, as JSON-able data."""
-    return jobs.info(artifact)
+    return info_job.info(artifact)

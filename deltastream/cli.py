@@ -14,7 +14,7 @@ import time
 from . import api
 from ._version import __version__
 from .errors import DeltastreamError, Interrupted
-from .jobs import format_info
+from .jobs.info import format_info
 from .methods import METHODS
 from .units import format_size
 

@@ -55,12 +55,22 @@ class Chunk:
 
 
 def chunk_elements(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> int:
-    """Elements per chunk: at most chunk_bytes, a whole number of rows when one row fits."""
-    elems = max(1, chunk_bytes // itemsize)
-    row = shape[-1] if len(shape) >= 2 else 0
-    if 0 < row <= elems:
-        elems -= elems % row
-    return max(1, elems)
+    """Elements per chunk: at most chunk_bytes, whole rows when a row fits, and balanced.
+
+    Balanced means the tensor is split into equal chunks (bar the rounding to rows) rather than
+    full chunks plus a small remainder: zarr stores an edge chunk at full size, so a remainder
+    would cost a nearly empty chunk's encode.
+    """
+    numel = math.prod(shape)
+    limit = max(1, chunk_bytes // itemsize)
+    if numel <= limit:
+        return max(1, numel)
+    row = shape[-1] if len(shape) >= 2 else 1
+    unit = row if 0 < row <= limit else 1
+    units = math.ceil(numel / unit)
+    per_chunk = limit // unit
+    n_chunks = math.ceil(units / per_chunk)
+    return math.ceil(units / n_chunks) * unit
 
 
 def chunk_ranges(numel: int, chunk_elems: int) -> list[tuple[int, int]]:

@@ -54,7 +54,12 @@ def test_index_and_shards_must_agree(tmp_path):
 
 def test_chunks_are_whole_rows_when_a_row_fits():
     assert chunk_elements((100, 30), 2, 200) == 90  # 100 elements fit, 3 rows of 30
+    assert chunk_elements((10, 30), 2, 500) == 150  # 2 chunks of 5 rows, not 8 + 2
     assert chunk_elements((100, 300), 2, 200) == 100  # a row does not fit: flat ranges
+    assert chunk_elements((1000,), 4, 1000) == 250
+    assert chunk_elements((1001,), 4, 1000) == 201  # 5 balanced chunks, not 4 x 250 + 1
+    assert chunk_elements((7, 3), 4, 1 << 20) == 21  # a small tensor is one chunk of its own size
+    assert chunk_elements((0, 3), 4, 1 << 20) == 1
     assert chunk_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert chunk_ranges(0, 4) == [(0, 0)]
 

@@ -1,7 +1,5 @@
-"""The jobs users run, one module each: compress, apply/verify, info."""
+"""The jobs users run, one module each: compress, apply/verify, info.
 
-from .apply import apply, verify
-from .compress import compress
-from .info import format_info, info
-
-__all__ = ["apply", "compress", "format_info", "info", "verify"]
+The modules are not re-exported here (a function named like its module would shadow it);
+``deltastream.api`` is the public entry point.
+"""
