@@ -164,7 +164,7 @@ def test_corrupt_artifact_chunk_is_reported_by_name(tmp_path, capsys, pair):
     base, ft = pair
     art = tmp_path / "a.dsz"
     assert run_cli("compress", base, ft, "-o", art, "-q") == 0
-    chunk = art / "tensors" / "000000" / "xor" / "c" / "0"
+    chunk = art / "tensors" / "000000" / "delta" / "c" / "0"
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
@@ -182,7 +182,7 @@ def test_missing_artifact_chunk_is_reported(tmp_path, capsys, pair):
     base, ft = pair
     art = tmp_path / "a.dsz"
     assert run_cli("compress", base, ft, "-o", art, "-q") == 0
-    chunk = art / "tensors" / "000000" / "xor" / "c" / "0"
+    chunk = art / "tensors" / "000000" / "delta" / "c" / "0"
     chunk.unlink()
     capsys.readouterr()
     assert run_cli("verify", art) == 2

@@ -23,7 +23,7 @@ def test_local_cluster_gives_the_threaded_bits(tmp_path, cluster):
     threaded = ds.compress(base, ft, str(tmp_path / "t.dsz"), chunk_size=512)
     on_cluster = ds.compress(base, ft, str(tmp_path / "c.dsz"), chunk_size=512, scheduler=cluster.scheduler_address)
     assert ds.info(threaded)["tensors"] == ds.info(on_cluster)["tensors"]
-    chunk_dir = os.path.join("tensors", "000000", "xor", "c")
+    chunk_dir = os.path.join("tensors", "000000", "delta", "c")
     for name in os.listdir(os.path.join(threaded, chunk_dir)):
         with open(os.path.join(threaded, chunk_dir, name), "rb") as a, \
              open(os.path.join(on_cluster, chunk_dir, name), "rb") as b:

@@ -38,7 +38,7 @@ def test_unchanged_tensor_is_recorded_not_stored(tmp_path):
     art = check_roundtrip(str(tmp_path), base, base)
     entry = ds.info(art)["tensors"][0]
     assert entry["unchanged"]
-    assert not os.path.exists(os.path.join(art, "tensors", "000000", "xor", "c"))
+    assert os.listdir(os.path.join(art, "tensors", "000000", "delta", "c")) == []
 
 
 def test_tensor_new_in_fine_tune_is_stored_whole(tmp_path):
@@ -78,7 +78,7 @@ def test_same_inputs_give_the_same_artifact_chunks(tmp_path):
     base, ft = make_pair(str(tmp_path), {"w": ("BF16", (64, 64))})
     a = ds.compress(base, ft, str(tmp_path / "a.dsz"), chunk_size=1024, workers=1)
     b = ds.compress(base, ft, str(tmp_path / "b.dsz"), chunk_size=1024, workers=2)
-    chunks = lambda p: {f: open(os.path.join(p, "tensors/000000/xor/c", f), "rb").read()
-                        for f in os.listdir(os.path.join(p, "tensors/000000/xor/c"))}
+    chunks = lambda p: {f: open(os.path.join(p, "tensors/000000/delta/c", f), "rb").read()
+                        for f in os.listdir(os.path.join(p, "tensors/000000/delta/c"))}
     assert chunks(a) == chunks(b)
     assert read_raw(ft)  # sanity: the fixture is non-empty

@@ -13,6 +13,9 @@ exactly one zarr chunk of each array, so every task owns whole chunks and never 
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
 import os
 from typing import Any
 
@@ -21,7 +24,8 @@ import zarr
 
 from ..errors import ArtifactError, CorruptChunkError
 from ..methods import StoredArray
-from .codecs import codecs_for
+from ..scratch import scratch
+from .codecs import PRESETS, ChecksumError, decode_chunk, encode_chunk, write_file_atomic
 
 __all__ = [
     "tensor_key", "create_arrays", "write_chunk", "read_chunk", "chunk_file",
@@ -35,24 +39,36 @@ def tensor_key(index: int) -> str:
     return f"tensors/{index:06d}"
 
 
+_GROUP_JSON = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
+
+
+@functools.lru_cache(maxsize=None)
+def _array_template(dtype: str, preset: str) -> dict:
+    """zarr's own metadata for a 1-D array of this dtype and codec chain (shape to be filled)."""
+    store = zarr.storage.MemoryStore()
+    zarr.create_array(store=store, shape=(1,), chunks=(1,), dtype=np.dtype(dtype), fill_value=0,
+                      compressors=PRESETS[preset].zarr_compressors(np.dtype(dtype)), zarr_format=3)
+    return json.loads(store._store_dict["zarr.json"].to_bytes())
+
+
 def create_arrays(root: str, key: str, arrays: list[StoredArray]) -> None:
-    """Create a tensor's arrays (metadata only; chunks are written by the tasks)."""
+    """Create a tensor's group and arrays: metadata only, the chunks are written by the tasks.
+
+    The metadata is zarr's own (made once per dtype and codec chain by zarr itself, then given
+    this array's shape), written directly: creating hundreds of arrays through zarr's API took
+    a second of a small job's time.
+    """
+    folder = os.path.join(root, key)
+    for group in (os.path.dirname(folder), folder):
+        os.makedirs(group, exist_ok=True)
+        if not os.path.exists(os.path.join(group, "zarr.json")):
+            write_file_atomic(os.path.join(group, "zarr.json"), _GROUP_JSON)
     for spec in arrays:
-        zarr.create_array(
-            store=root, name=f"{key}/{spec.role}", shape=(spec.total_len,),
-            chunks=(max(1, spec.chunk_len),), dtype=spec.dtype, fill_value=0,
-            compressors=codecs_for(spec.compression, spec.dtype), zarr_format=3,
-        )
-
-
-def _region(chunk_index: int, chunk_len: int, total_len: int) -> slice:
-    start = chunk_index * chunk_len
-    return slice(start, min(start + chunk_len, total_len))
-
-
-def write_chunk(root: str, key: str, spec: StoredArray, chunk_index: int, data: np.ndarray) -> None:
-    array = zarr.open_array(store=root, path=f"{key}/{spec.role}", mode="r+").with_config(_WRITE_CONFIG)
-    array[_region(chunk_index, spec.chunk_len, spec.total_len)] = data
+        meta = copy.deepcopy(_array_template(np.dtype(spec.dtype).str, spec.compression))
+        meta["shape"] = [spec.total_len]
+        meta["chunk_grid"]["configuration"]["chunk_shape"] = [max(1, spec.chunk_len)]
+        os.makedirs(os.path.join(folder, spec.role, "c"), exist_ok=True)
+        write_file_atomic(os.path.join(folder, spec.role, "zarr.json"), json.dumps(meta, indent=2).encode())
 
 
 def chunk_file(root: str, key: str, role: str, chunk_index: int) -> str:
@@ -60,16 +76,33 @@ def chunk_file(root: str, key: str, role: str, chunk_index: int) -> str:
     return os.path.join(root, key, role, "c", str(chunk_index))
 
 
+def write_chunk(root: str, key: str, spec: StoredArray, chunk_index: int, data: np.ndarray) -> None:
+    """Encode one chunk as zarr would and write it whole (an edge chunk is padded with zeros to
+    the chunk length, as zarr stores it)."""
+    if data.size < spec.chunk_len:
+        padded = scratch("store.pad", spec.chunk_len, spec.dtype)
+        padded[: data.size] = data
+        padded[data.size:] = 0
+        data = padded
+    path = chunk_file(root, key, spec.role, chunk_index)
+    write_file_atomic(path, *encode_chunk(data.astype(spec.dtype, copy=False), PRESETS[spec.compression]))
+
+
 def read_chunk(root: str, key: str, spec: StoredArray, chunk_index: int, tensor: str) -> np.ndarray:
-    """Decode one chunk; a failed checksum or decode names the tensor and the chunk file."""
+    """Decode one chunk (its valid part) into this thread's scratch buffer for the role: the view
+    is valid until the thread reads that role again. A missing file, bad checksum or failed
+    decode names the tensor and the chunk file."""
+    path = chunk_file(root, key, spec.role, chunk_index)
+    length = max(0, min(spec.chunk_len, spec.total_len - chunk_index * spec.chunk_len))
     try:
-        array = zarr.open_array(store=root, path=f"{key}/{spec.role}", mode="r")
-        return array[_region(chunk_index, spec.chunk_len, spec.total_len)]
-    except Exception as exc:  # zarr raises ValueError/RuntimeError from codecs; report it plainly
-        raise CorruptChunkError(
-            f"tensor '{tensor}' in file '{chunk_file(root, key, spec.role, chunk_index)}': "
-            f"corrupt artifact chunk ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-        ) from None
+        with open(path, "rb") as f:
+            raw = f.read()
+        out = scratch(f"store.read.{spec.role}", spec.chunk_len, spec.dtype)
+        decode_chunk(raw, PRESETS[spec.compression], out)
+    except (OSError, ChecksumError, ValueError, RuntimeError) as exc:
+        why = "missing" if isinstance(exc, FileNotFoundError) else f"{exc.__class__.__name__}: {exc}"
+        raise CorruptChunkError(f"tensor '{tensor}' in file '{path}': corrupt artifact chunk ({why})") from None
+    return out[:length]
 
 
 def write_side_files(root: str, side_files: dict[str, str]) -> dict[str, str]:
@@ -80,7 +113,7 @@ def write_side_files(root: str, side_files: dict[str, str]) -> dict[str, str]:
             data = np.frombuffer(f.read(), np.uint8)
         key = f"sidefiles/{i:03d}"
         array = zarr.create_array(store=root, name=key, shape=data.shape, chunks=(max(1, data.size),),
-                                  dtype=np.uint8, fill_value=0, compressors=codecs_for("zstd", np.uint8),
+                                  dtype=np.uint8, fill_value=0, compressors=PRESETS["text"].zarr_compressors(np.uint8),
                                   zarr_format=3)
         if data.size:
             array.with_config(_WRITE_CONFIG)[:] = data

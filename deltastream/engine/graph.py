@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import dask
+import dask.local
+import dask.threaded
+from dask._task_spec import DataNode, Task
 from dask.callbacks import Callback
 
 from .progress import Progress
@@ -47,18 +50,20 @@ def run_tasks(fn: Callable[[Any], dict], tasks: Sequence[Any], *, name: str, opt
     ``bytes_of(task)`` is the input size credited to the progress bar when the task finishes.
     """
     keys = [f"{name}-{i}" for i in range(len(tasks))]
-    nodes = [dask.delayed(fn, pure=False)(task, dask_key_name=key) for key, task in zip(keys, tasks)]
+    # A plain graph of (function, task) nodes: the task is opaque data to dask, which neither
+    # traverses nor hashes it (dask.delayed walked every dataclass field of every task).
+    graph = {key: Task(key, fn, DataNode(None, task)) for key, task in zip(keys, tasks)}
     sizes = dict(zip(keys, (bytes_of(t) for t in tasks)))
     with Progress(total_bytes, name, enabled=options.progress) as progress:
         if options.client is not None or (options.scheduler not in (None, "threads", "sync")):
-            return _run_distributed(nodes, keys, sizes, progress, options)
+            return _run_distributed(graph, keys, sizes, progress, options)
         if options.scheduler == "sync":
             with _ProgressCallback(sizes, progress):
-                return list(dask.compute(*nodes, scheduler="sync"))
+                return dask.local.get_sync(graph, keys)
         pool = ThreadPoolExecutor(options.n_workers, thread_name_prefix="deltastream")
         try:
             with _ProgressCallback(sizes, progress):
-                return list(dask.compute(*nodes, scheduler="threads", pool=pool))
+                return dask.threaded.get(graph, keys, pool=pool, num_workers=options.n_workers)
         finally:
             # On an error or interrupt, let running tasks finish before the caller cleans up
             # their output folder, and start no new ones.
@@ -75,12 +80,12 @@ class _ProgressCallback(Callback):
         self._progress.advance(self._sizes.get(key, 0))
 
 
-def _run_distributed(nodes, keys, sizes, progress, options: RunOptions) -> list[dict]:
+def _run_distributed(graph, keys, sizes, progress, options: RunOptions) -> list[dict]:
     from distributed import Client, as_completed
 
     client = options.client or Client(options.scheduler, set_as_default=False)
     try:
-        futures = client.compute(nodes)
+        futures = client.get(graph, keys, sync=False)
         by_key = {f.key: f for f in futures}
         try:
             for future in as_completed(futures, loop=client.loop):
