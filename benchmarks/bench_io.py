@@ -5,8 +5,9 @@
     python benchmarks/bench_io.py --sizes tiny         # a smoke run (seconds)
     python benchmarks/bench_io.py --sizes 1B --workers 2 --chunk-size 32MiB --keep
 
-For each size it (generating the synthetic base + fine-tune pair with make_checkpoints.py into
-``--data-dir/<size>`` first if it is not there) measures, in one run:
+For each size it (generating the synthetic base + fine-tune pair with make_checkpoints.py, the CLI
+of deltastream/synthetic.py, into ``--data-dir/<size>`` first if it is not there) measures, in one
+run:
 
 a. the time to read the inputs, ``cat base/* ft/* > /dev/null``, after one untimed warm-up cat
    (so the page cache is warm, as it is for the runs that follow); the same for apply's inputs
@@ -43,8 +44,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from make_checkpoints import SIZES, pair_complete, param_count  # noqa: E402
 from memtrack import run_tracked, system_busy_s  # noqa: E402
+
+from deltastream.synthetic import SHAPES as SIZES, pair_complete  # noqa: E402
 
 MiB = 2**20
 
@@ -236,7 +238,7 @@ def run_size(size: str, args: argparse.Namespace, ds: list[str], log) -> dict:
     d = os.path.join(args.data_dir, size)
     base, ft = os.path.join(d, "base"), os.path.join(d, "ft")
     art, rebuilt = os.path.join(d, "A.dsz"), os.path.join(d, "rebuilt")
-    rec: dict = {"size": size, "params": param_count(SIZES[size]), "data_dir": d}
+    rec: dict = {"size": size, "params": SIZES[size].n_params, "data_dir": d}
 
     if not pair_complete(d, size, seed=args.seed):
         log(f"[{size}] generating the pair into {d} ...")
@@ -357,7 +359,7 @@ def render(results: list[dict], meta: dict) -> str:
          f"Total bench runtime: **{meta['runtime_s']:.0f} s** (data generation included: "
          f"{meta['generate_s']:.0f} s; waiting for an idle machine: {meta['waited_idle_s']:.0f} s).", "",
          "Inputs: synthetic Llama-shaped bf16 pairs from `benchmarks/make_checkpoints.py` (seed "
-         f"{meta['seed']}; delta std ~3.3e-4, see its docstring). Page cache warm for every timed step.", ""]
+         f"{meta['seed']}; delta std ~3.3e-4, see `deltastream/synthetic.py`). Page cache warm for every timed step.", ""]
     L += ["## Compress (`deltastream compress BASE FT -o A.dsz --method lossless -q --overwrite`)", "",
           "| size | params | base+ft | read base+ft (cat) | compress wall | **speed vs read** | GB/s in | CPU util "
           "| other load | **peak RssAnon** | peak RSS (incl. file pages) |",

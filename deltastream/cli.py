@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     except DeltastreamError as exc:
         print(f"deltastream: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `deltastream info --json | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"deltastream: error: {Interrupted('interrupted; partial output removed')}", file=sys.stderr)
         return Interrupted.exit_code

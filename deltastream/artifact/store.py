@@ -135,6 +135,8 @@ def write_root_attrs(root: str, attrs: dict[str, Any]) -> None:
 
 
 def read_root_attrs(root: str) -> dict[str, Any]:
+    if not os.path.exists(root):
+        raise ArtifactError(f"file '{root}': no such file or folder")
     if not os.path.isfile(os.path.join(root, "zarr.json")):
         raise ArtifactError(f"file '{root}': not a deltastream artifact (no zarr.json)")
     try:

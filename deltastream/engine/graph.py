@@ -17,7 +17,7 @@ from typing import Any
 import dask
 import dask.local
 import dask.threaded
-from dask._task_spec import DataNode, Task
+from dask.task_spec import DataNode, Task
 from dask.callbacks import Callback
 
 from .progress import Progress
