@@ -46,9 +46,7 @@ BLOCK_ELEMS = 4 << 20  # elements per generated block (16 MiB of float32 per tem
 RANK = 16  # rank of the delta's low-rank part
 MARKER = ".bench-pair.json"  # written last, into the pair's folder, once both checkpoints are complete
 _OWN_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
-# The safetensors metadata tag make_checkpoints.py always wrote: kept, so pairs made before the
-# generator moved here stay byte-identical (and their markers valid).
-_GENERATOR = "deltastream.synthetic"
+_GENERATOR = "deltastream.synthetic"  # the safetensors __metadata__ tag of generated checkpoints
 
 
 @dataclass(frozen=True)
