@@ -241,3 +241,41 @@ def test_index_naming_a_missing_shard(tmp_path, capsys, pair):
         json.dump({"weight_map": {"norm": "model-00002-of-00002.safetensors"}}, f)
     msg = compress_fails(tmp_path, capsys, base, ft)
     assert "model-00002-of-00002.safetensors" in msg and "missing" in msg
+
+
+def test_full_disk_fails_before_the_heavy_work(tmp_path, capsys, pair, monkeypatch):
+    import deltastream.checkpoint.writer as writer
+
+    base, ft = pair
+    art = tmp_path / "a.dsz"
+    assert run_cli("compress", base, ft, "-o", art, "-q") == 0
+    capsys.readouterr()
+
+    class Full:
+        f_bavail, f_frsize = 0, 4096
+    monkeypatch.setattr(writer.os, "statvfs", lambda path: Full)
+    out = tmp_path / "rebuilt"
+    assert run_cli("apply", base, art, "-o", out, "-q") == 2
+    msg = error_line(capsys)
+    assert "not enough disk space for the output" in msg and str(out) in msg
+    assert not out.exists() and not (tmp_path / "rebuilt.partial").exists()
+
+
+def test_disk_filling_up_midway_names_file_and_tensor(tmp_path, capsys, pair, monkeypatch):
+    import errno
+
+    import deltastream.checkpoint.writer as writer
+
+    base, ft = pair
+    art = tmp_path / "a.dsz"
+    assert run_cli("compress", base, ft, "-o", art, "-q") == 0
+    capsys.readouterr()
+
+    def no_space(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(writer.os, "pwrite", no_space)
+    out = tmp_path / "rebuilt"
+    assert run_cli("apply", base, art, "-o", out, "-q", "--workers", "1") == 2
+    msg = error_line(capsys)
+    assert "No space left on device" in msg and "tensor '" in msg and "model.safetensors" in msg
+    assert not out.exists() and not (tmp_path / "rebuilt.partial").exists()
