@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from .engine import RunOptions
 from .jobs import apply as apply_job
 from .jobs import compress as compress_job
+from .jobs import edit as edit_job
 from .jobs import info as info_job
-from .engine import RunOptions
 from .methods import Method, get_method
 from .plan import DEFAULT_CHUNK_BYTES
+from .policy import Policy
 from .units import parse_size
 
-__all__ = ["compress", "apply", "verify", "info", "DEFAULT_MEMORY_BYTES"]
+__all__ = ["compress", "apply", "edit", "verify", "info", "DEFAULT_MEMORY_BYTES"]
 
 #: the memory budget for chunks in flight; the chunk size shrinks to fit it
 DEFAULT_MEMORY_BYTES = 1 << 30
@@ -40,14 +42,36 @@ def effective_chunk_bytes(chunk_size: int | str | None, memory: int | str | None
 
 
 def compress(base: str, fine_tune: str, out: str, method: str | Method = "lossless", *,
-             chunk_size: int | str | None = None, memory: int | str | None = None, seed: int | None = None,
-             overwrite: bool = False, workers: int | None = None, scheduler: str | None = None,
-             progress: bool | None = False, client: Any = None, **params: Any) -> str:
-    """Compress fine_tune's delta against base into the artifact ``out``."""
+             chunk_size: int | str | None = None, memory: int | str | None = None, seed: int = 0,
+             include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), overwrite: bool = False,
+             workers: int | None = None, scheduler: str | None = None, progress: bool | None = False,
+             client: Any = None, **params: Any) -> str:
+    """Compress fine_tune's delta against base into the artifact ``out``.
+
+    ``method`` is a name (its parameters as keyword arguments, e.g. ``p=0.9``) or a Method;
+    ``include``/``exclude`` are glob patterns of tensor names (see ``deltastream.policy``).
+    """
     m = method if isinstance(method, Method) else get_method(method, **params)
     options = run_options(workers, scheduler, progress, client)
-    return compress_job.compress(base, fine_tune, out, m, chunk_bytes=effective_chunk_bytes(chunk_size, memory, options),
-                         seed=seed, overwrite=overwrite, options=options)
+    return compress_job.compress(base, fine_tune, out, m,
+                                 chunk_bytes=effective_chunk_bytes(chunk_size, memory, options), seed=seed,
+                                 policy=Policy(tuple(include), tuple(exclude)), overwrite=overwrite,
+                                 options=options)
+
+
+def edit(base: str, fine_tune: str, out: str, method: str | Method, *, chunk_size: int | str | None = None,
+         memory: int | str | None = None, seed: int = 0, include: tuple[str, ...] = (),
+         exclude: tuple[str, ...] = (), max_shard_size: int | str = "5GB", overwrite: bool = False,
+         workers: int | None = None, scheduler: str | None = None, progress: bool | None = False,
+         client: Any = None, **params: Any) -> str:
+    """Write base + method(delta) as the checkpoint folder ``out`` (same keywords as compress)."""
+    m = method if isinstance(method, Method) else get_method(method, **params)
+    options = run_options(workers, scheduler, progress, client)
+    path, _ = edit_job.edit(base, fine_tune, out, m, chunk_bytes=effective_chunk_bytes(chunk_size, memory, options),
+                            seed=seed, policy=Policy(tuple(include), tuple(exclude)),
+                            max_shard_size=parse_size(max_shard_size, "max shard size"), overwrite=overwrite,
+                            options=options)
+    return path
 
 
 def apply(base: str, artifact: str, out: str, *, max_shard_size: int | str = "5GB", overwrite: bool = False,

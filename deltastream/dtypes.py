@@ -77,3 +77,35 @@ def to_float32(bits: np.ndarray, dtype: DType, out: np.ndarray | None = None) ->
         return values.astype(np.float32)
     out[...] = values
     return out
+
+
+def from_float32(values: np.ndarray, dtype: DType, out: np.ndarray | None = None) -> np.ndarray:
+    """Round float32 values to a float dtype's bit patterns, to nearest even (as torch does)."""
+    if dtype.name == "BF16":
+        bits = values.view(np.uint32)
+        if out is None:
+            out = np.empty(values.shape, np.uint16)
+        rounded = scratch_u32(values.size)
+        np.right_shift(bits, 16, out=rounded)
+        np.bitwise_and(rounded, 1, out=rounded)
+        rounded += 0x7FFF
+        rounded += bits
+        np.right_shift(rounded, 16, out=rounded)
+        out[...] = rounded
+        # NaN stays NaN: rounding could carry a NaN's payload into the infinity pattern
+        nan = np.isnan(values)
+        if nan.any():
+            out[nan] = (bits[nan] >> 16).astype(np.uint16) | 0x40
+        return out
+    if dtype.numpy is None or not dtype.is_float:
+        raise TypeError(f"dtype {dtype.name} has no float32 rounding")
+    if out is None:
+        return values.astype(dtype.numpy).view(dtype.bits)
+    out.view(dtype.numpy)[...] = values
+    return out
+
+
+def scratch_u32(n: int) -> np.ndarray:
+    from .scratch import scratch
+
+    return scratch("dtypes.round", n, np.uint32)

@@ -29,11 +29,15 @@ class TensorPlan:
     ft: TensorInfo
     base: TensorInfo | None
     chunk_elems: int
-    policy: str = "lossless"
 
     @property
     def numel(self) -> int:
         return self.ft.numel
+
+    @property
+    def base_numel(self) -> int:
+        """Elements the base has (fewer than the fine-tune's when its vocabulary grew; 0 if new)."""
+        return self.base.numel if self.base is not None else 0
 
     @property
     def n_chunks(self) -> int:
@@ -83,8 +87,9 @@ def chunk_ranges(numel: int, chunk_elems: int) -> list[tuple[int, int]]:
 def pair_tensors(base: Checkpoint, ft: Checkpoint, chunk_bytes: int) -> list[TensorPlan]:
     """Match every fine-tune tensor with the base's, in the fine-tune's order, or fail clearly.
 
-    A tensor only in the fine-tune is kept whole (its base is None); one only in the base, or a
-    shape or dtype mismatch, is an error naming the file and tensor.
+    A tensor only in the fine-tune is kept whole (its base is None), as are the rows a fine-tune
+    added to a vocabulary-sized first dimension; a tensor only in the base, or any other shape or
+    dtype mismatch, is an error naming the file and tensor.
     """
     problems = []
     for name, b in base.tensors.items():
@@ -94,7 +99,8 @@ def pair_tensors(base: Checkpoint, ft: Checkpoint, chunk_bytes: int) -> list[Ten
     plans = []
     for name, f in ft.tensors.items():
         b = base.tensors.get(name)
-        if b is not None and b.shape != f.shape:
+        grown = b is not None and len(f.shape) >= 1 and f.shape[1:] == b.shape[1:] and f.shape[0] > b.shape[0]
+        if b is not None and b.shape != f.shape and not grown:
             problems.append(f"{tensor_context(f.path, name)}: shape {f.shape} differs from the base's "
                             f"{b.shape} in '{b.path}'")
         elif b is not None and b.dtype != f.dtype:

@@ -8,8 +8,9 @@ format they do not know or a major version newer than theirs.
 from __future__ import annotations
 
 import datetime
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .._version import __version__
@@ -17,7 +18,8 @@ from ..checkpoint.sidefiles import is_side_file
 from ..dtypes import DType, dtype_by_name
 from ..errors import ArtifactError, DeltastreamError
 from ..methods import Method, StoredArray, method_from_config
-from .store import read_root_attrs
+from ..methods.lossless import Lossless
+from .store import read_root_attrs, read_state_arrays
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ATTRS_KEY", "TensorEntry", "Manifest", "load_manifest",
            "new_manifest"]
@@ -42,13 +44,17 @@ class TensorEntry:
     base: dict[str, Any] | None  # dtype, shape, head_crc32c, chunk_crc32c; None: new tensor
     ft_chunk_crc32c: list[int]
     stored_chunks: list[bool]
+    rng_name: str = ""
+    state: dict[str, Any] = field(default_factory=dict)  # the method's per-tensor figures (JSON)
+    state_arrays: list[str] = field(default_factory=list)  # ... and those stored as arrays
+
+    @property
+    def base_numel(self) -> int:
+        return math.prod(self.base["shape"]) if self.base is not None else 0
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -59,6 +65,7 @@ class TensorEntry:
             "name": self.name, "key": self.key, "dtype": self.dtype.name, "shape": list(self.shape),
             "policy": self.policy, "chunk_elems": self.chunk_elems, "base": self.base,
             "ft_chunk_crc32c": self.ft_chunk_crc32c, "stored_chunks": self.stored_chunks,
+            "rng_name": self.rng_name, "state": self.state, "state_arrays": self.state_arrays,
         }
 
 
@@ -69,8 +76,17 @@ class Manifest:
     method: Method
     tensors: list[TensorEntry]
 
-    def arrays(self, entry: TensorEntry) -> list[StoredArray]:
-        return self.method.stored_arrays(entry.dtype, entry.numel, entry.chunk_elems)
+    def method_for(self, entry: TensorEntry) -> Method:
+        """The run's method for tensors under it; exact storage for the others."""
+        return self.method if entry.policy == self.method.method_id else Lossless()
+
+    def state(self, entry: TensorEntry) -> dict[str, Any]:
+        """The tensor's full state: its JSON figures and its state arrays."""
+        return {**entry.state, **read_state_arrays(self.path, entry.key, entry.state_arrays)}
+
+    def arrays(self, entry: TensorEntry, state: dict[str, Any] | None = None) -> list[StoredArray]:
+        state = self.state(entry) if state is None else state
+        return self.method_for(entry).stored_arrays(entry.dtype, entry.shape, entry.chunk_elems, state)
 
     @property
     def side_files(self) -> dict[str, str]:
@@ -81,8 +97,8 @@ class Manifest:
         return sum(t.nbytes for t in self.tensors)
 
 
-def new_manifest(*, method: Method, seed: int | None, chunk_bytes: int, tensors: list[TensorEntry],
-                 side_files: dict[str, str], ft_metadata: dict[str, str], base_path: str,
+def new_manifest(*, method: Method, seed: int, chunk_bytes: int, tensors: list[TensorEntry],
+                 side_files: dict[str, str], ft_metadata: dict[str, str], policy: Any, base_path: str,
                  ft_path: str) -> dict[str, Any]:
     return {
         "format": FORMAT_NAME,
@@ -92,6 +108,7 @@ def new_manifest(*, method: Method, seed: int | None, chunk_bytes: int, tensors:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "method": method.get_config(),
         "seed": seed,
+        "policy": {"include": list(policy.include), "exclude": list(policy.exclude)},
         "chunk_bytes": chunk_bytes,
         "head_bytes": HEAD_BYTES,
         "source": {"base": base_path, "fine_tune": ft_path},
@@ -131,4 +148,6 @@ def _entry(t: dict[str, Any]) -> TensorEntry:
         raise ValueError(f"tensor {t['name']!r} has an invalid key {t['key']!r}")
     return TensorEntry(name=t["name"], key=t["key"], dtype=dtype, shape=tuple(t["shape"]),
                        policy=t["policy"], chunk_elems=int(t["chunk_elems"]), base=t["base"],
-                       ft_chunk_crc32c=list(t["ft_chunk_crc32c"]), stored_chunks=list(t["stored_chunks"]))
+                       ft_chunk_crc32c=list(t["ft_chunk_crc32c"]), stored_chunks=list(t["stored_chunks"]),
+                       rng_name=t.get("rng_name", ""), state=dict(t.get("state", {})),
+                       state_arrays=[str(a) for a in t.get("state_arrays", [])])

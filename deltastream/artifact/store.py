@@ -105,6 +105,38 @@ def read_chunk(root: str, key: str, spec: StoredArray, chunk_index: int, tensor:
     return out[:length]
 
 
+def write_state_arrays(root: str, key: str, state: dict[str, Any]) -> list[str]:
+    """Store the numpy arrays of a tensor's state (e.g. per-row scales) as one-chunk arrays
+    ``<key>/state.<name>``; return their names. Other state values go to the manifest."""
+    names = []
+    for name, value in state.items():
+        if isinstance(value, np.ndarray):
+            flat = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).reshape(-1)
+            spec = StoredArray(f"state.{name}", flat.dtype, max(1, flat.size), flat.size, "raw")
+            create_arrays(root, key, [spec])
+            if flat.size:
+                write_chunk(root, key, spec, 0, flat)
+            meta_path = os.path.join(root, key, spec.role, "zarr.json")
+            with open(meta_path) as f:
+                meta = json.load(f)
+            meta["attributes"] = {"shape": list(value.shape)}
+            write_file_atomic(meta_path, json.dumps(meta, indent=2).encode())
+            names.append(name)
+    return names
+
+
+def read_state_arrays(root: str, key: str, names: list[str]) -> dict[str, np.ndarray]:
+    out = {}
+    for name in names:
+        with open(os.path.join(root, key, f"state.{name}", "zarr.json")) as f:
+            meta = json.load(f)
+        spec = StoredArray(f"state.{name}", np.dtype(meta["data_type"]), max(1, meta["shape"][0]),
+                           meta["shape"][0], "raw")
+        flat = read_chunk(root, key, spec, 0, name).copy() if spec.total_len else np.empty(0, spec.dtype)
+        out[name] = flat.reshape(meta["attributes"]["shape"])
+    return out
+
+
 def write_side_files(root: str, side_files: dict[str, str]) -> dict[str, str]:
     """Store each side file as a zstd uint8 array; return name -> array key for the manifest."""
     keys = {}

@@ -17,12 +17,12 @@ from typing import Any
 import dask
 import dask.local
 import dask.threaded
-from dask.task_spec import DataNode, Task
+from dask.task_spec import DataNode, Task, TaskRef
 from dask.callbacks import Callback
 
 from .progress import Progress
 
-__all__ = ["RunOptions", "run_tasks", "default_workers"]
+__all__ = ["RunOptions", "run_tasks", "run_reduce", "default_workers"]
 
 
 def default_workers() -> int:
@@ -43,17 +43,57 @@ class RunOptions:
         return self.workers or default_workers()
 
 
-def run_tasks(fn: Callable[[Any], dict], tasks: Sequence[Any], *, name: str, options: RunOptions,
-              total_bytes: int, bytes_of: Callable[[Any], int]) -> list[dict]:
+def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, name: str, options: RunOptions,
+              total_bytes: int, bytes_of: Callable[[Any], int]) -> list[Any]:
     """Run fn(task) for every task as one Dask graph; results in task order.
 
     ``bytes_of(task)`` is the input size credited to the progress bar when the task finishes.
     """
     keys = [f"{name}-{i}" for i in range(len(tasks))]
+    graph = _task_graph(fn, tasks, keys)
+    return _run(graph, keys, dict(zip(keys, (bytes_of(t) for t in tasks))), name, total_bytes, options)
+
+
+def run_reduce(fn: Callable[[Any], Any], tasks: Sequence[Any], *, group_of: Callable[[Any], str],
+               combine: Callable[[Any, Any], Any], name: str, options: RunOptions, total_bytes: int,
+               bytes_of: Callable[[Any], int], fan_in: int = 8) -> dict[str, Any]:
+    """Run fn(task) for every task and fold the results of each group, in task order, with
+    ``combine``; return {group: folded}. The folds form a tree in the graph, so partial results
+    are freed as they are folded instead of all waiting for the end."""
+    keys = [f"{name}-{i}" for i in range(len(tasks))]
+    graph = _task_graph(fn, tasks, keys)
+    groups: dict[str, list[str]] = {}
+    for key, task in zip(keys, tasks):
+        groups.setdefault(group_of(task), []).append(key)
+    roots = []
+    for g, (group, members) in enumerate(groups.items()):
+        level = 0
+        while len(members) > 1:
+            folded = []
+            for j in range(0, len(members), fan_in):
+                key = f"{name}-fold-{g}-{level}-{j}"
+                graph[key] = Task(key, _fold, DataNode(None, combine), *(TaskRef(m) for m in members[j:j + fan_in]))
+                folded.append(key)
+            members, level = folded, level + 1
+        roots.append(members[0])
+    results = _run(graph, roots, dict(zip(keys, (bytes_of(t) for t in tasks))), name, total_bytes, options)
+    return dict(zip(groups, results))
+
+
+def _fold(combine, *parts):
+    out = parts[0]
+    for part in parts[1:]:
+        out = combine(out, part)
+    return out
+
+
+def _task_graph(fn, tasks, keys) -> dict:
     # A plain graph of (function, task) nodes: the task is opaque data to dask, which neither
     # traverses nor hashes it (dask.delayed walked every dataclass field of every task).
-    graph = {key: Task(key, fn, DataNode(None, task)) for key, task in zip(keys, tasks)}
-    sizes = dict(zip(keys, (bytes_of(t) for t in tasks)))
+    return {key: Task(key, fn, DataNode(None, task)) for key, task in zip(keys, tasks)}
+
+
+def _run(graph, keys, sizes, name, total_bytes, options: RunOptions) -> list[Any]:
     with Progress(total_bytes, name, enabled=options.progress) as progress:
         if options.client is not None or (options.scheduler not in (None, "threads", "sync")):
             return _run_distributed(graph, keys, sizes, progress, options)

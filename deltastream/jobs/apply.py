@@ -16,15 +16,16 @@ import numpy as np
 
 from ..artifact.manifest import Manifest, TensorEntry, load_manifest
 from ..artifact.store import chunk_file, read_chunk, read_side_file
-from ..dtypes import DType
 from ..checkpoint import Checkpoint, CheckpointWriter, OutputTensor, TensorInfo, open_checkpoint, read_bits
 from ..checkpoint.writer import write_at
 from ..checksum import crc32c
 from ..engine import RunOptions, atomic_output, run_tasks
 from ..errors import CorruptChunkError, WrongBaseError, tensor_context
 from ..methods import Method, StoredArray
-from ..plan import Chunk, chunk_ranges
+from ..methods.base import ChunkContext
+from ..plan import chunk_ranges
 from .compress import head_crc32c
+from .tensors import read_pair_base
 
 __all__ = ["apply", "verify", "RebuildTask", "rebuild_chunk", "check_chunk", "check_base", "DEFAULT_MAX_SHARD"]
 
@@ -35,12 +36,11 @@ DEFAULT_MAX_SHARD = 5 * 10**9  # Hugging Face's default
 class RebuildTask:
     root: str
     entry_key: str
-    tensor: str
-    dtype: DType
-    chunk: Chunk
+    ctx: ChunkContext
     base: TensorInfo | None
+    base_numel: int
     base_crc: int | None
-    ft_crc: int
+    ft_crc: int | None  # None: a lossy tensor, whose output is not the fine-tune's
     stored: bool
     method: Method
     arrays: tuple[StoredArray, ...]
@@ -49,30 +49,29 @@ class RebuildTask:
 
 
 def rebuild_chunk(task: RebuildTask) -> dict:
-    c = task.chunk
+    c = task.ctx
     if task.base is not None:
-        base = read_bits(task.base, c.start, c.stop)
-        if crc32c(base) != task.base_crc:
-            raise WrongBaseError(f"{tensor_context(task.base.path, task.tensor)}: the base differs from the "
+        base = read_pair_base(task.base, task.base_numel, c.start, c.stop, c.dtype)
+        if crc32c(base[: max(0, task.base_numel - c.start)]) != task.base_crc:
+            raise WrongBaseError(f"{tensor_context(task.base.path, c.tensor)}: the base differs from the "
                                  f"one the artifact was made from (chunk {c.index}, elements {c.start}..{c.stop})")
     else:  # a tensor new in the fine-tune is stored against zeros
-        base = np.zeros(c.stop - c.start, task.dtype.bits)
-    stored = _stored_chunk(task)
-    out = task.method.decode(base, stored, task.dtype)
-    if crc32c(out) != task.ft_crc:
+        base = np.zeros(c.size, c.dtype.bits)
+    out = task.method.decode(base, _stored_chunk(task), c)
+    if task.ft_crc is not None and crc32c(out) != task.ft_crc:
         where = chunk_file(task.root, task.entry_key, task.arrays[0].role, c.index) if task.arrays else task.root
-        raise CorruptChunkError(f"tensor '{task.tensor}' in file '{where}': rebuilt chunk {c.index} does not "
+        raise CorruptChunkError(f"tensor '{c.tensor}' in file '{where}': rebuilt chunk {c.index} does not "
                                 "match the fine-tune's checksum (corrupt or missing artifact chunk)")
     if task.out_path is not None:
-        write_at(task.out_path, task.out_offset + c.start * out.itemsize, out, task.tensor)
+        write_at(task.out_path, task.out_offset + c.start * out.itemsize, out, c.tensor)
     return {}
 
 
 def _stored_chunk(task: RebuildTask) -> dict[str, np.ndarray]:
     """The chunk's stored arrays; one that was never written (all zeros) is the fill value."""
-    i = task.chunk.index
+    i = task.ctx.index
     if task.stored:
-        return {s.role: read_chunk(task.root, task.entry_key, s, i, task.tensor) for s in task.arrays}
+        return {s.role: read_chunk(task.root, task.entry_key, s, i, task.ctx.tensor) for s in task.arrays}
     return {s.role: np.zeros(max(0, min(s.chunk_len, s.total_len - i * s.chunk_len)), s.dtype)
             for s in task.arrays}
 
@@ -81,9 +80,9 @@ def check_chunk(task: RebuildTask) -> dict:
     """verify without a base: a stored chunk must exist and pass its checksum."""
     if task.stored:
         for s in task.arrays:
-            path = chunk_file(task.root, task.entry_key, s.role, task.chunk.index)
+            path = chunk_file(task.root, task.entry_key, s.role, task.ctx.index)
             if not os.path.isfile(path):
-                raise CorruptChunkError(f"tensor '{task.tensor}' in file '{path}': stored chunk is missing")
+                raise CorruptChunkError(f"tensor '{task.ctx.tensor}' in file '{path}': stored chunk is missing")
         _stored_chunk(task)
     return {}
 
@@ -111,25 +110,27 @@ def check_base(manifest: Manifest, base: Checkpoint) -> None:
 
 def _tasks(manifest: Manifest, base: Checkpoint | None, where=None) -> list[RebuildTask]:
     tasks = []
+    seed = manifest.doc.get("seed") or 0
     for entry in manifest.tensors:
-        arrays = tuple(manifest.arrays(entry))
+        state = manifest.state(entry)
+        arrays = tuple(manifest.arrays(entry, state))
+        method = manifest.method_for(entry)
         out_path, out_offset = where(entry.name) if where else (None, 0)
         binfo = base.tensors[entry.name] if base is not None and entry.base is not None else None
         for i, (start, stop) in enumerate(chunk_ranges(entry.numel, entry.chunk_elems)):
+            ctx = ChunkContext(tensor=entry.name, dtype=entry.dtype, shape=entry.shape, start=start, stop=stop,
+                               index=i, seed=seed, rng_name=entry.rng_name, state=state)
             tasks.append(RebuildTask(
-                root=manifest.path, entry_key=entry.key, tensor=entry.name, dtype=entry.dtype,
-                chunk=Chunk(entry.name, i, start, stop), base=binfo,
+                root=manifest.path, entry_key=entry.key, ctx=ctx, base=binfo, base_numel=entry.base_numel,
                 base_crc=entry.base["chunk_crc32c"][i] if binfo is not None else None,
-                ft_crc=entry.ft_chunk_crc32c[i], stored=entry.stored_chunks[i],
-                method=manifest.method, arrays=arrays, out_path=out_path, out_offset=out_offset))
+                ft_crc=None if method.lossy else entry.ft_chunk_crc32c[i], stored=entry.stored_chunks[i],
+                method=method, arrays=arrays, out_path=out_path, out_offset=out_offset))
     return tasks
 
 
 def _run(fn, tasks: list[RebuildTask], name: str, options: RunOptions, entries: list[TensorEntry]) -> None:
-    itemsize = {e.name: e.dtype.itemsize for e in entries}
-    run_tasks(fn, tasks, name=name, options=options,
-              total_bytes=sum(e.nbytes for e in entries),
-              bytes_of=lambda t: (t.chunk.stop - t.chunk.start) * itemsize[t.tensor])
+    run_tasks(fn, tasks, name=name, options=options, total_bytes=sum(e.nbytes for e in entries),
+              bytes_of=lambda t: t.ctx.size * t.ctx.dtype.itemsize)
 
 
 def apply(base: str, artifact: str, out: str, *, max_shard_size: int = DEFAULT_MAX_SHARD,

@@ -16,6 +16,7 @@ METHODS: dict[str, type[Method]] = {
 
 
 def get_method(name: str, **params: Any) -> Method:
+    """A method by name, its parameters checked (unknown key, type, range: ParameterError)."""
     try:
         cls = METHODS[name]
     except KeyError:

@@ -1,27 +1,44 @@
 """The contract every method follows, written once.
 
-A method is a small class with a ``method_id``, a frozen dataclass of parameters, and pure
-array functions: it imports numpy (and torch), never zarr, dask or files. An *encoding* method
-turns one chunk of (base bits, fine-tune bits) into the arrays an artifact stores for that chunk,
-and back. The engine guarantees: chunk i of a tensor's plan is chunk i of each stored array, and
-``decode(base, encode(base, ft))`` is what ``apply`` writes.
+A method is a small class: a ``method_id``, a frozen dataclass of parameters (``Params``), and
+pure array functions on one chunk at a time. It imports numpy (and torch), never zarr, dask or
+files; the jobs do the I/O. Like a numcodecs codec it is plain data: ``get_config()`` is JSON
+with its id, ``from_config`` rebuilds it, and methods are equal when their configs are.
 
-Like a numcodecs codec, a method is plain data: ``get_config()`` is JSON with its id,
-``from_config`` rebuilds it, and two methods are equal when their configs are.
+What a method does with a chunk, in the order the jobs call it:
+
+1. ``pre_passes`` full passes over the tensor before anything is written, for figures needed to
+   encode (quantile thresholds, residual scales, range-finder products). Pass ``i`` runs
+   ``pre_stats(i, delta, ctx)`` on every chunk; the partials of a tensor are combined with
+   :func:`combine_partials` (numbers and arrays add up, ``*_list`` values concatenate in chunk
+   order) and ``finalize_pre(i, combined, state)`` folds them into the tensor's ``state``.
+2. The write pass: ``encode(base_bits, ft_bits, ctx)`` -> the arrays an artifact stores for the
+   chunk, and ``post_stats(delta, ctx)`` -> partials of figures only decoding needs (BitDelta's
+   mean magnitude: signs do not depend on it, so it costs no extra pass), folded by
+   ``finalize_post``. ``decode(base_bits, stored, ctx)`` -> the output chunk's bit patterns.
+3. ``edit`` (a checkpoint out) runs the pre passes, a pass for the post figures, then writes
+   ``edit_bits`` = ``decode(encode(...))`` for methods with a compact form, so that
+   ``apply`` of an artifact and ``edit`` give the same bits by construction.
+
+Chunk i of a tensor's plan is chunk i of every stored array. A tensor's ``state`` is a dict:
+JSON values go to the manifest, numpy arrays to arrays of the tensor's group.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
-from ..dtypes import DType
+from ..dtypes import DType, from_float32, to_float32
 from ..errors import ParameterError
+from ..params import describe_params, parse_params
+from ..rng import tensor_key
+from ..scratch import scratch
 
-__all__ = ["Method", "StoredArray"]
+__all__ = ["Method", "LossyMethod", "StoredArray", "ChunkContext", "combine_partials"]
 
 
 @dataclass(frozen=True)
@@ -32,23 +49,71 @@ class StoredArray:
     dtype: np.dtype
     chunk_len: int  # elements of this array that one plan chunk produces (the last may be fewer)
     total_len: int
-    compression: str  # a key of artifact.codecs.COMPRESSION
+    compression: str  # a key of artifact.codecs.PRESETS
+
+
+@dataclass(frozen=True)
+class ChunkContext:
+    """What a method knows about the chunk in hand: its tensor, place, seed and the tensor's state."""
+
+    tensor: str
+    dtype: DType
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+    index: int = 0
+    seed: int = 0
+    rng_name: str = ""  # the name whose random stream the tensor uses (a tied tensor: its twin's)
+    state: dict = field(default_factory=dict)
+    chunk_state: dict = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def row_len(self) -> int:
+        """Elements per row (the last dimension); a 1-D or 0-D tensor is one row."""
+        return self.shape[-1] if len(self.shape) >= 2 and self.shape[-1] else max(1, self.size)
+
+    @property
+    def rng_key(self) -> tuple[int, int]:
+        return tensor_key(self.seed, self.rng_name or self.tensor)
+
+
+def combine_partials(a: dict | None, b: dict | None) -> dict | None:
+    """Fold two chunk partials: values add, ``*_list`` values concatenate (a first), dicts recurse."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    out = dict(a)
+    for key, value in b.items():
+        if key not in out or out[key] is None:
+            out[key] = value
+        elif value is None:
+            continue
+        elif key.endswith("_list"):
+            out[key] = list(out[key]) + list(value)
+        elif isinstance(value, dict):
+            out[key] = combine_partials(out[key], value)
+        else:
+            out[key] = out[key] + value
+    return out
 
 
 class Method:
-    """Base class: subclasses set ``method_id`` and ``Params`` and implement the array functions."""
+    """Base class: subclasses set ``method_id``, ``Params``, ``summary`` and the array functions."""
 
     method_id: ClassVar[str]
     Params: ClassVar[type]
     summary: ClassVar[str] = ""
+    compact: ClassVar[bool] = True  # has an artifact form (compress accepts it)
+    lossy: ClassVar[bool] = True
+    float_only: ClassVar[bool] = True  # applies to float tensors only
 
-    def __init__(self, params: Any = None, **kwargs: Any):
-        if params is None:
-            try:
-                params = self.Params(**kwargs)
-            except TypeError as exc:
-                raise ParameterError(f"method '{self.method_id}': {exc}") from None
-        self.params = params
+    def __init__(self, params: Any = None, **values: Any):
+        self.params = params if params is not None else parse_params(self.method_id, self.Params, values)
 
     def get_config(self) -> dict[str, Any]:
         return {"id": self.method_id, **dataclasses.asdict(self.params)}
@@ -59,6 +124,11 @@ class Method:
         config.pop("id", None)
         return cls(**config)
 
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        return {"id": cls.method_id, "summary": cls.summary, "compact": cls.compact,
+                "params": describe_params(cls.Params)}
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Method) and self.get_config() == other.get_config()
 
@@ -68,15 +138,96 @@ class Method:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params})"
 
-    # --- the encoding contract -------------------------------------------------------------
-    def stored_arrays(self, dtype: DType, numel: int, chunk_elems: int) -> list[StoredArray]:
-        """The arrays stored for one tensor of this dtype, size and chunking."""
+    def fail(self, message: str) -> ParameterError:
+        return ParameterError(f"method '{self.method_id}': {message}")
+
+    def accepts(self, shape: tuple[int, ...]) -> bool:
+        """Whether the method can edit a tensor of this shape (else it is stored exact)."""
+        return True
+
+    def stats_group(self, i: int, tensor: str) -> str:
+        """Which partials pre pass i folds together: the tensor's own (default), or a shared
+        group name for whole-model figures (global trim)."""
+        return tensor
+
+    # --- passes ------------------------------------------------------------------------------
+    def pre_passes(self, shape: tuple[int, ...]) -> int:
+        return 0
+
+    def pre_stats(self, i: int, delta: np.ndarray, ctx: ChunkContext) -> dict | None:
+        return None
+
+    def finalize_pre(self, i: int, combined: dict, state: dict) -> dict:
+        return state
+
+    def post_stats(self, delta: np.ndarray, ctx: ChunkContext) -> dict | None:
+        return None
+
+    def finalize_post(self, combined: dict | None, state: dict) -> dict:
+        return state
+
+    # --- the artifact form -------------------------------------------------------------------
+    def stored_arrays(self, dtype: DType, shape: tuple[int, ...], chunk_elems: int,
+                      state: dict) -> list[StoredArray]:
         raise NotImplementedError
 
-    def encode(self, base: np.ndarray, ft: np.ndarray, dtype: DType) -> dict[str, np.ndarray]:
-        """One chunk: base and fine-tune bit patterns (base all zero for a new tensor) -> arrays."""
+    def encode(self, base: np.ndarray, ft: np.ndarray, ctx: ChunkContext) -> dict[str, np.ndarray]:
+        """One chunk: base and fine-tune bit patterns (base zero for a new tensor) -> arrays."""
         raise NotImplementedError
 
-    def decode(self, base: np.ndarray, stored: dict[str, np.ndarray], dtype: DType) -> np.ndarray:
+    def decode(self, base: np.ndarray, stored: dict[str, np.ndarray], ctx: ChunkContext) -> np.ndarray:
         """One chunk: base bit patterns and the stored arrays -> the output's bit patterns."""
+        raise NotImplementedError
+
+    def encode_with_stats(self, base: np.ndarray, ft: np.ndarray, ctx: ChunkContext) -> tuple[dict, dict | None]:
+        """encode, and the chunk's post_stats partial, from one read of the chunk."""
+        return self.encode(base, ft, ctx), None
+
+    # --- the checkpoint form -----------------------------------------------------------------
+    def edit_bits(self, base: np.ndarray, ft: np.ndarray, ctx: ChunkContext) -> np.ndarray:
+        return self.decode(base, self.encode(base, ft, ctx), ctx)
+
+
+class LossyMethod(Method):
+    """A method on float deltas: delta = f32(ft) - f32(base); output = round(f32(base) + edited).
+
+    Subclasses implement ``encode_delta(delta, base, ft, ctx)`` and
+    ``decode_delta(stored, base, ctx) -> edited delta`` (float32), or, for methods without a
+    compact form, ``edit_delta(delta, ctx) -> edited delta``.
+    """
+
+    def delta(self, base: np.ndarray, ft: np.ndarray, ctx: ChunkContext) -> np.ndarray:
+        out = scratch("lossy.delta", ft.size, np.float32)
+        to_float32(ft, ctx.dtype, out=out)
+        out -= to_float32(base, ctx.dtype, out=scratch("lossy.base", base.size, np.float32))
+        return out
+
+    def output_bits(self, base: np.ndarray, edited: np.ndarray, ctx: ChunkContext) -> np.ndarray:
+        """round(f32(base) + edited) in the tensor's dtype (edited is overwritten)."""
+        edited += to_float32(base, ctx.dtype, out=scratch("lossy.base", base.size, np.float32))
+        return from_float32(edited, ctx.dtype, out=scratch("lossy.out", base.size, ctx.dtype.bits))
+
+    def encode(self, base, ft, ctx):
+        return self.encode_delta(self.delta(base, ft, ctx), base, ft, ctx)
+
+    def encode_with_stats(self, base, ft, ctx):
+        delta = self.delta(base, ft, ctx)
+        post = self.post_stats(delta, ctx)  # before encode_delta, which may reuse delta's memory
+        return self.encode_delta(delta, base, ft, ctx), post
+
+    def decode(self, base, stored, ctx):
+        return self.output_bits(base, self.decode_delta(stored, base, ctx), ctx)
+
+    def edit_bits(self, base, ft, ctx):
+        if self.compact:
+            return super().edit_bits(base, ft, ctx)
+        return self.output_bits(base, self.edit_delta(self.delta(base, ft, ctx), ctx), ctx)
+
+    def encode_delta(self, delta, base, ft, ctx) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def decode_delta(self, stored, base, ctx) -> np.ndarray:
+        raise NotImplementedError
+
+    def edit_delta(self, delta: np.ndarray, ctx: ChunkContext) -> np.ndarray:
         raise NotImplementedError

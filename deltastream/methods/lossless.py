@@ -14,14 +14,15 @@ fp8) with no rounding anywhere.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..dtypes import DType
-from ..errors import ParameterError
+from ..params import field
 from ..scratch import scratch
-from .base import Method, StoredArray
+from .base import ChunkContext, Method, StoredArray
 
 __all__ = ["Lossless", "zigzag", "unzigzag"]
 
@@ -48,29 +49,29 @@ def unzigzag(z: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LosslessParams:
-    transform: str = "sub"
-
-    def __post_init__(self):
-        if self.transform not in ("sub", "xor"):
-            raise ParameterError(f"method 'lossless': transform must be 'sub' or 'xor', not {self.transform!r}")
+    transform: str = field("sub", "sub: zigzag of the integer difference of bit patterns; xor: their XOR",
+                           choices=("sub", "xor"))
 
 
 class Lossless(Method):
     method_id = "lossless"
     Params = LosslessParams
     summary = "bit-exact: integer delta of bit patterns (or XOR), shuffled and zstd-compressed"
+    lossy = False
+    float_only = False
 
-    def stored_arrays(self, dtype: DType, numel: int, chunk_elems: int) -> list[StoredArray]:
+    def stored_arrays(self, dtype: DType, shape: tuple[int, ...], chunk_elems: int,
+                      state: dict) -> list[StoredArray]:
         role, preset = ("delta", "delta") if self.params.transform == "sub" else ("xor", "xor")
-        return [StoredArray(role, dtype.bits, chunk_elems, numel, preset)]
+        return [StoredArray(role, dtype.bits, chunk_elems, math.prod(shape), preset)]
 
-    def encode(self, base: np.ndarray, ft: np.ndarray, dtype: DType) -> dict[str, np.ndarray]:
+    def encode(self, base: np.ndarray, ft: np.ndarray, ctx: ChunkContext) -> dict[str, np.ndarray]:
         out = scratch("lossless", ft.size, ft.dtype)
         if self.params.transform == "xor":
             return {"xor": np.bitwise_xor(ft, base, out=out)}
         return {"delta": zigzag(np.subtract(ft, base, out=out))}  # unsigned: wraps mod 2^n
 
-    def decode(self, base: np.ndarray, stored: dict[str, np.ndarray], dtype: DType) -> np.ndarray:
+    def decode(self, base: np.ndarray, stored: dict[str, np.ndarray], ctx: ChunkContext) -> np.ndarray:
         if self.params.transform == "xor":
             out = stored["xor"]
             np.bitwise_xor(out, base, out=out)

@@ -1,0 +1,68 @@
+"""``edit``: base + fine-tune -> base + edited delta, written as a checkpoint (the paper's runs).
+
+It runs the method's stats passes (those before encoding, then those decoding needs: an edited
+output needs every figure up front), then one write pass in which each task computes its chunk's
+output bits with ``Method.edit_bits`` and writes them in place in the output shards. For methods
+with a compact form, ``edit_bits`` is ``decode(encode(chunk))``, so an ``edit`` and the ``apply``
+of the artifact ``compress`` writes give the same bits. Tensors the policy keeps exact are copied
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+from ..checkpoint import CheckpointWriter, OutputTensor, TensorInfo, open_checkpoint
+from ..checkpoint.writer import write_at
+from ..engine import RunOptions, atomic_output, run_tasks
+from ..methods import Method
+from ..methods.base import ChunkContext
+from ..plan import DEFAULT_CHUNK_BYTES, pair_tensors
+from ..policy import Policy
+from .tensors import prepare_jobs, read_pair, run_stats_passes
+
+__all__ = ["edit", "EditTask", "edit_chunk"]
+
+
+@dataclass(frozen=True)
+class EditTask:
+    ft: TensorInfo
+    base: TensorInfo | None
+    base_numel: int
+    method: Method
+    ctx: ChunkContext
+    out_path: str
+    out_offset: int
+
+
+def edit_chunk(task: EditTask) -> None:
+    c = task.ctx
+    base, ft = read_pair(task.ft, task.base, task.base_numel, c.start, c.stop)
+    out = task.method.edit_bits(base, ft, c) if task.method.lossy else ft
+    write_at(task.out_path, task.out_offset + c.start * c.dtype.itemsize, out, c.tensor)
+
+
+def edit(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+         seed: int = 0, policy: Policy = Policy(), max_shard_size: int = 5 * 10**9, overwrite: bool = False,
+         options: RunOptions = RunOptions()) -> tuple[str, list]:
+    """Write base + method(delta) as a checkpoint folder ``out``; return its path and the jobs
+    (their policies and states, for reporting)."""
+    base_ckpt = open_checkpoint(base)
+    ft_ckpt = open_checkpoint(fine_tune)
+    jobs = prepare_jobs(pair_tensors(base_ckpt, ft_ckpt, chunk_bytes), method, policy, ft_ckpt)
+    outputs = [OutputTensor(j.name, j.plan.ft.dtype.name, j.plan.ft.shape) for j in jobs]
+    metadata = {**ft_ckpt.metadata, "deltastream_method": method.method_id, "deltastream_seed": str(seed)}
+    with atomic_output(out, overwrite=overwrite, inputs=[base_ckpt.path, ft_ckpt.path]) as folder:
+        run_stats_passes(jobs, seed, options, post=True)
+        writer = CheckpointWriter(folder, outputs, max_shard_size, metadata)
+        writer.create()
+        for name, path in ft_ckpt.side_files.items():
+            shutil.copyfile(path, os.path.join(folder, name))
+        tasks = [EditTask(j.plan.ft, j.plan.base, j.plan.base_numel, j.method, j.context(chunk, seed),
+                          *writer.location(j.name)) for j in jobs for chunk in j.plan.chunks()]
+        run_tasks(edit_chunk, tasks, name="edit", options=options,
+                  total_bytes=sum(j.plan.ft.nbytes * 2 for j in jobs),
+                  bytes_of=lambda t: t.ctx.size * t.ctx.dtype.itemsize * 2)
+    return os.path.abspath(out), jobs

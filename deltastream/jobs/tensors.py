@@ -1,0 +1,139 @@
+"""What compress and edit share: each tensor's policy and method, reading chunk pairs, and the
+statistics passes that run before (and, for edit, after) a method's encoding is known.
+
+A :class:`TensorJob` is the driver's view of one tensor: its plan, its policy (the run's method,
+or exact storage), the method that encodes it, the name of its random stream, and its state
+(figures the stats passes found: scales, thresholds, factors). Tasks are frozen dataclasses of
+plain data, so the same passes run on threads or a dask.distributed cluster.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..checkpoint import Checkpoint, TensorInfo, read_bits
+from ..engine import RunOptions, run_reduce
+from ..methods import Method
+from ..methods.base import ChunkContext, combine_partials
+from ..methods.lossless import Lossless
+from ..plan import Chunk, TensorPlan
+from ..policy import Policy
+from ..scratch import scratch
+
+__all__ = ["TensorJob", "prepare_jobs", "read_pair", "read_pair_base", "run_stats_passes", "tied_aliases"]
+
+_EXACT = Lossless()
+
+
+@dataclass
+class TensorJob:
+    index: int
+    plan: TensorPlan
+    policy: str
+    method: Method
+    rng_name: str
+    state: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    def context(self, chunk: Chunk, seed: int, chunk_state: dict | None = None) -> ChunkContext:
+        return ChunkContext(tensor=self.name, dtype=self.plan.ft.dtype, shape=self.plan.ft.shape,
+                            start=chunk.start, stop=chunk.stop, index=chunk.index, seed=seed,
+                            rng_name=self.rng_name, state=self.state, chunk_state=chunk_state or {})
+
+
+def tied_aliases(ft: Checkpoint) -> dict[str, str]:
+    """Tensors that share their twin's random stream: lm_head of a model with tied embeddings."""
+    config_path = ft.side_files.get("config.json")
+    if not config_path:
+        return {}
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict) or not config.get("tie_word_embeddings", False):
+        return {}
+    embed = next((n for n in ft.tensors if n.endswith("embed_tokens.weight")), None)
+    head = next((n for n in ft.tensors if n.endswith("lm_head.weight")), None)
+    return {head: embed} if embed and head else {}
+
+
+def prepare_jobs(plans: list[TensorPlan], method: Method, policy: Policy, ft: Checkpoint) -> list[TensorJob]:
+    aliases = tied_aliases(ft)
+    jobs = []
+    for i, plan in enumerate(plans):
+        base_shape = plan.base.shape if plan.base is not None else None
+        chosen = policy.assign(plan.name, plan.ft.shape, plan.ft.dtype.is_float, method, base_shape)
+        jobs.append(TensorJob(index=i, plan=plan, policy=chosen,
+                              method=method if chosen == method.method_id else _EXACT,
+                              rng_name=aliases.get(plan.name, plan.name)))
+    return jobs
+
+
+def read_pair(ft: TensorInfo, base: TensorInfo | None, base_numel: int, start: int,
+              stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """(base bits, fine-tune bits) of elements [start, stop); base elements it lacks read as 0."""
+    return read_pair_base(base, base_numel, start, stop, ft.dtype), read_bits(ft, start, stop)
+
+
+def read_pair_base(base: TensorInfo | None, base_numel: int, start: int, stop: int, dtype) -> np.ndarray:
+    """Base bits of elements [start, stop), zeros past the base's end (a grown or new tensor)."""
+    have = max(0, min(stop, base_numel) - start)
+    if base is not None and have == stop - start:
+        return read_bits(base, start, stop)
+    padded = scratch("read_pair.base", stop - start, dtype.bits)
+    padded[have:] = 0
+    if have:
+        padded[:have] = read_bits(base, start, start + have)
+    return padded
+
+
+@dataclass(frozen=True)
+class StatsTask:
+    ft: TensorInfo
+    base: TensorInfo | None
+    base_numel: int
+    method: Method
+    ctx: ChunkContext
+    pass_index: int  # -1: the post pass
+    group: str
+
+
+def stats_chunk(task: StatsTask):
+    base, ft = read_pair(task.ft, task.base, task.base_numel, task.ctx.start, task.ctx.stop)
+    delta = task.method.delta(base, ft, task.ctx)
+    if task.pass_index < 0:
+        return task.method.post_stats(delta, task.ctx)
+    return task.method.pre_stats(task.pass_index, delta, task.ctx)
+
+
+def run_stats_passes(jobs: list[TensorJob], seed: int, options: RunOptions, *, post: bool) -> None:
+    """Run every pre pass (and the post pass if ``post``) of the lossy tensors, updating states."""
+    lossy = [j for j in jobs if j.method.lossy]
+    passes = max((j.method.pre_passes(j.plan.ft.shape) for j in lossy), default=0)
+    for i in list(range(passes)) + ([-1] if post else []):
+        todo = [j for j in lossy if i < 0 or i < j.method.pre_passes(j.plan.ft.shape)]
+        tasks = [StatsTask(j.plan.ft, j.plan.base, j.plan.base_numel, j.method, j.context(c, seed),
+                           i, j.name if i < 0 else j.method.stats_group(i, j.name))
+                 for j in todo for c in j.plan.chunks()]
+        if not tasks:
+            continue
+        label = "stats" if i >= 0 else "scales"
+        combined = run_reduce(stats_chunk, tasks, group_of=lambda t: t.group, combine=combine_partials,
+                              name=f"{label}-{i}" if i >= 0 else label, options=options,
+                              total_bytes=sum(j.plan.ft.nbytes * 2 for j in todo),
+                              bytes_of=lambda t: t.ctx.size * t.ft.dtype.itemsize * 2)
+        for j in todo:
+            if i < 0:
+                j.state = j.method.finalize_post(combined.get(j.name), j.state)
+            else:
+                j.state = j.method.finalize_pre(i, combined[j.method.stats_group(i, j.name)], j.state)
+
+
+__all__ += ["StatsTask", "stats_chunk"]
