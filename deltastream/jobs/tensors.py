@@ -70,9 +70,10 @@ def prepare_jobs(plans: list[TensorPlan], method: Method, policy: Policy, ft: Ch
     for i, plan in enumerate(plans):
         base_shape = plan.base.shape if plan.base is not None else None
         chosen = policy.assign(plan.name, plan.ft.shape, plan.ft.dtype.is_float, method, base_shape)
-        jobs.append(TensorJob(index=i, plan=plan, policy=chosen,
-                              method=method if chosen == method.method_id else _EXACT,
-                              rng_name=aliases.get(plan.name, plan.name)))
+        tensor_method = method if chosen == method.method_id else _EXACT
+        jobs.append(TensorJob(index=i, plan=plan, policy=chosen, method=tensor_method,
+                              rng_name=aliases.get(plan.name, plan.name),
+                              state=tensor_method.initial_state(plan.ft.shape)))
     return jobs
 
 

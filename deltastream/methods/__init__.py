@@ -6,12 +6,21 @@ from typing import Any
 
 from ..errors import ParameterError
 from .base import Method, StoredArray
+from .bitdelta import BitDelta
+from .dare import Biased, Dare
+from .dare_bitdelta import DareBitDelta
+from .extrapolate import Extrapolate
 from .lossless import Lossless
 
 __all__ = ["METHODS", "Method", "StoredArray", "get_method", "method_from_config"]
 
 METHODS: dict[str, type[Method]] = {
     Lossless.method_id: Lossless,
+    Dare.method_id: Dare,
+    Biased.method_id: Biased,
+    BitDelta.method_id: BitDelta,
+    DareBitDelta.method_id: DareBitDelta,
+    Extrapolate.method_id: Extrapolate,
 }
 
 

@@ -151,6 +151,10 @@ class Method:
         return tensor
 
     # --- passes ------------------------------------------------------------------------------
+    def initial_state(self, shape: tuple[int, ...]) -> dict:
+        """A tensor's state before any pass (its figures are added by the finalize hooks)."""
+        return {}
+
     def pre_passes(self, shape: tuple[int, ...]) -> int:
         return 0
 

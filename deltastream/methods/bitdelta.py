@@ -1,0 +1,203 @@
+"""BitDelta (Liu et al. 2024): the delta as its signs times one scale, and its extensions.
+
+::
+
+    edited = alpha * sign(delta),   alpha = scale * mean|delta|     (per tensor, or per row)
+
+``sign(0) = +1`` as the reference code does (``zero: plus``); ``zero: keep`` stores a second
+plane marking the non-zero entries (ternary: exact zeros, which bf16 deltas have many of, stay
+zero, and alpha is then the mean over the non-zero entries). ``scale`` is the paper's "multiple
+of the average magnitude" (1 = BitDelta). ``residual: n`` is BitDelta's own finer fidelity:
+binarise the residual ``delta - edited`` again, n more times, each level with its own scale.
+``bits: b`` is the paper's multi-bit extension (2^b equal-count magnitude blocks per tensor,
+each replaced by its mean magnitude), implemented in ``blocks.py``.
+
+Signs do not depend on alpha, so a compress is ONE streaming pass: each chunk writes its packed
+signs and returns exact partial magnitude sums, and alpha is finalized when the pass ends.
+Each residual level needs the previous levels' scales, so it costs one more pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ParameterError
+from ..exact import magnitude_sum, row_magnitude_sums, total
+from ..params import check_range, field
+from ..scratch import scratch
+from .base import ChunkContext, LossyMethod
+from .packing import pack, packed_array, unpack
+
+__all__ = ["BitDelta", "row_index_ranges"]
+
+
+@dataclass(frozen=True)
+class BitDeltaParams:
+    scale: float = field(1.0, "multiple of the mean magnitude used as the scale (the paper's 'degenerate' axis)")
+    per: str = field("tensor", "one scale per tensor (BitDelta) or per row", choices=("tensor", "row"))
+    bits: int = field(0, "magnitude bits: 2^bits equal-count magnitude blocks per tensor (0: 1-bit BitDelta)")
+    residual: int = field(0, "extra 1-bit levels fitted to the residual (BitDelta's finer fidelity)")
+    zero: str = field("plus", "sign of an exact zero: +1 (plus, the reference code) or kept at 0 (keep)",
+                      choices=("plus", "keep"))
+
+    def __post_init__(self):
+        check_range("bitdelta", "scale", self.scale, 0.0, None, low_open=True)
+        check_range("bitdelta", "bits", self.bits, 0, 8)
+        check_range("bitdelta", "residual", self.residual, 0, 8)
+        if self.bits and (self.per != "tensor" or self.residual or self.zero != "plus"):
+            raise ParameterError("method 'bitdelta': bits >= 1 (magnitude blocks) works per tensor, "
+                                 "with residual=0 and zero=plus")
+
+
+def row_index_ranges(ctx: ChunkContext) -> tuple[int, int, int, int]:
+    """(first row, first full row, end of full rows, last row + 1) of the chunk's elements."""
+    r = ctx.row_len
+    first, last = ctx.start // r, (ctx.stop - 1) // r + 1 if ctx.size else ctx.start // r
+    full_lo = -(-ctx.start // r)
+    full_hi = ctx.stop // r
+    return first, full_lo, max(full_lo, full_hi), last
+
+
+class BitDelta(LossyMethod):
+    method_id = "bitdelta"
+    Params = BitDeltaParams
+    summary = "packed signs of the delta times one scale per tensor or row (BitDelta); multi-bit; residual"
+
+    def __init__(self, params=None, **values):
+        super().__init__(params, **values)
+        self._blocks = None
+        if self.params.bits:
+            from .blocks import MagnitudeBlocks
+
+            self._blocks = MagnitudeBlocks(bits=self.params.bits, scale=self.params.scale)
+
+    @property
+    def levels(self) -> int:
+        return self.params.residual + 1
+
+    # --- magnitude sums: per tensor, or per row ---------------------------------------------------
+    def _sums(self, r: np.ndarray, ctx: ChunkContext, nonzero: np.ndarray | None) -> dict:
+        if self.params.per == "tensor":
+            return {"abs": magnitude_sum(r, nonzero),
+                    "count": int(nonzero.sum()) if nonzero is not None else r.size}
+        rows = []
+        first, lo, hi, last = row_index_ranges(ctx)
+        row_len = ctx.row_len
+        for row in range(first, last):  # rows cut by the chunk's ends: at most two
+            if lo <= row < hi:
+                continue
+            a, b = max(ctx.start, row * row_len) - ctx.start, min(ctx.stop, (row + 1) * row_len) - ctx.start
+            nz = nonzero[a:b] if nonzero is not None else None
+            rows.append((row, magnitude_sum(r[a:b], nz), int(nz.sum()) if nz is not None else b - a))
+        if hi > lo:
+            a, b = lo * row_len - ctx.start, hi * row_len - ctx.start
+            sums = row_magnitude_sums(r[a:b] if nonzero is None else np.where(nonzero[a:b], r[a:b], 0), row_len)
+            counts = (nonzero[a:b].reshape(-1, row_len).sum(axis=1).tolist() if nonzero is not None
+                      else [row_len] * (hi - lo))
+            rows += list(zip(range(lo, hi), sums, counts))
+        return {"rows_list": rows}
+
+    def _alpha(self, combined: dict | None, ctx_rows: int) -> float | np.ndarray:
+        s = self.params.scale
+        if self.params.per == "tensor":
+            count = combined["count"] if combined else 0
+            return s * total(combined["abs"]) / count if count else 0.0
+        sums, counts = [0] * ctx_rows, [0] * ctx_rows
+        for row, fixed, count in (combined or {}).get("rows_list", []):
+            sums[row] += fixed
+            counts[row] += count
+        return np.array([s * total(f) / c if c else 0.0 for f, c in zip(sums, counts)], np.float32)
+
+    def _alpha_of(self, level: int, ctx: ChunkContext) -> np.ndarray | np.float32:
+        alpha = ctx.state["alpha"][level]
+        if self.params.per == "tensor":
+            return np.float32(alpha)
+        rows = np.asarray(alpha, np.float32)
+        first = ctx.start // ctx.row_len
+        if ctx.start % ctx.row_len == 0 and ctx.size % ctx.row_len == 0:
+            return np.repeat(rows[first: first + ctx.size // ctx.row_len], ctx.row_len)
+        return rows[np.arange(ctx.start, ctx.stop) // ctx.row_len]
+
+    def _residual(self, delta: np.ndarray, upto: int, ctx: ChunkContext) -> np.ndarray:
+        """delta minus the first ``upto`` levels' approximation (the level ``upto`` residual)."""
+        r = scratch("bitdelta.residual", delta.size, np.float32)
+        r[...] = delta
+        for j in range(upto):
+            sign = np.where(r >= 0, np.float32(1), np.float32(-1))
+            r -= self._alpha_of(j, ctx) * sign
+        return r
+
+    def _nonzero(self, delta: np.ndarray) -> np.ndarray | None:
+        return delta != 0 if self.params.zero == "keep" else None
+
+    def _rows(self, shape) -> int:
+        return math.prod(shape[:-1]) if len(shape) >= 2 else 1
+
+    # --- passes -------------------------------------------------------------------------------------
+    def pre_passes(self, shape):
+        return self._blocks.pre_passes(shape) if self._blocks else self.params.residual
+
+    def pre_stats(self, i, delta, ctx):
+        if self._blocks:
+            return self._blocks.pre_stats(i, delta, ctx)
+        return self._sums(self._residual(delta, i, ctx), ctx, self._nonzero(delta))
+
+    def finalize_pre(self, i, combined, state):
+        if self._blocks:
+            return self._blocks.finalize_pre(i, combined, state)
+        return {**state, "alpha": list(state.get("alpha", [])) + [self._alpha(combined, state["_rows"])]}
+
+    def post_stats(self, delta, ctx):
+        if self._blocks:
+            return None
+        return self._sums(self._residual(delta, self.levels - 1, ctx), ctx, self._nonzero(delta))
+
+    def finalize_post(self, combined, state):
+        if self._blocks:
+            return state
+        alphas = list(state.get("alpha", [])) + [self._alpha(combined, state["_rows"])]
+        if self.params.per == "row":
+            return {"alpha": np.stack(alphas).astype(np.float32)}
+        return {"alpha": [float(a) for a in alphas]}
+
+    def initial_state(self, shape) -> dict:
+        return {} if self._blocks else {"_rows": self._rows(shape)}
+
+    # --- the artifact form ----------------------------------------------------------------------
+    def stored_arrays(self, dtype, shape, chunk_elems, state):
+        if self._blocks:
+            return self._blocks.stored_arrays(dtype, shape, chunk_elems, state)
+        numel = math.prod(shape)
+        arrays = [packed_array(f"signs{j}", chunk_elems, numel) for j in range(self.levels)]
+        if self.params.zero == "keep":
+            arrays.append(packed_array("nonzero", chunk_elems, numel))
+        return arrays
+
+    def encode_delta(self, delta, base, ft, ctx):
+        if self._blocks:
+            return self._blocks.encode_delta(delta, base, ft, ctx)
+        out = {}
+        r = self._residual(delta, 0, ctx)
+        for j in range(self.levels):
+            positive = r >= 0
+            out[f"signs{j}"] = pack(positive)
+            if j + 1 < self.levels:
+                r -= self._alpha_of(j, ctx) * np.where(positive, np.float32(1), np.float32(-1))
+        if self.params.zero == "keep":
+            out["nonzero"] = pack(delta != 0)
+        return out
+
+    def decode_delta(self, stored, base, ctx):
+        if self._blocks:
+            return self._blocks.decode_delta(stored, base, ctx)
+        edited = scratch("bitdelta.edited", ctx.size, np.float32)
+        edited[...] = 0
+        for j in range(self.levels):
+            sign = np.where(unpack(stored[f"signs{j}"], ctx.size), np.float32(1), np.float32(-1))
+            edited += self._alpha_of(j, ctx) * sign
+        if self.params.zero == "keep":
+            edited[~unpack(stored["nonzero"], ctx.size)] = 0
+        return edited

@@ -1,0 +1,141 @@
+"""DARE (Yu et al. 2024), with the paper's DARE-k extension, and the Table 1 "biased" variant.
+
+``M ~ Bernoulli(p)`` per element (1 = drop), drawn from the element RNG, so the mask of an
+element depends only on (seed, tensor name, element index)::
+
+    k = 0 (DARE):    edited = (1 - M) * delta * factor
+                     factor = 1/(1-p) (rescale: inverse), ||delta||_1 / ||(1-M) delta||_1 per
+                     tensor (l1, mergekit's), or 1 (none, "DropOnly")
+    k != 0 (DARE-k): edited = k * M * delta + (1 - k p)/(1 - p) * (1 - M) * delta    (unbiased)
+
+As an artifact, DARE stores only the kept entries of each chunk, compacted to the chunk's front
+as the zigzagged integer difference of bit patterns (exact, like ``lossless``): the mask is
+regenerated at apply time from the seed, so no index is stored. DARE-k needs every entry, so it
+stores the whole exact delta and applies the multipliers at decode.
+
+``biased`` (paper §4.3, Table 1) is DARE-k with the sign of the delta in place of the mask:
+negative entries x k, positive ones x (1 - k p)/(1 - p), zeros stay zero. Edit only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ParameterError
+from ..exact import magnitude_sum, total
+from ..params import check_range, field
+from ..rng import threshold_u32, uniform_u32
+from ..scratch import scratch
+from .base import ChunkContext, LossyMethod, StoredArray
+from .lossless import unzigzag, zigzag
+
+__all__ = ["Dare", "Biased", "keep_mask", "exact_delta"]
+
+RESCALES = ("inverse", "l1", "none")
+
+
+def keep_mask(ctx: ChunkContext, p: float) -> np.ndarray:
+    """True where the element is kept: its 32-bit draw is at or above p * 2^32."""
+    draws = uniform_u32(ctx.rng_key, ctx.start, ctx.stop)
+    return draws >= np.uint32(min(threshold_u32(p), 2**32 - 1)) if p < 1 else np.zeros(ctx.size, bool)
+
+
+def exact_delta(base: np.ndarray, ft: np.ndarray, out_tag: str = "dare.bits") -> np.ndarray:
+    """The fine-tune as a zigzagged integer difference of bit patterns (exact, compressible)."""
+    return zigzag(np.subtract(ft, base, out=scratch(out_tag, ft.size, ft.dtype)))
+
+
+def delta_from_bits(base: np.ndarray, zz: np.ndarray, ctx: ChunkContext, method: LossyMethod) -> np.ndarray:
+    """float32 delta of the fine-tune whose zigzagged bit difference from base is ``zz``."""
+    ft = np.add(base, unzigzag(zz), out=zz)
+    return method.delta(base, ft, ctx)
+
+
+@dataclass(frozen=True)
+class DareParams:
+    p: float = field(0.9, "drop rate: the probability that a delta entry is dropped")
+    rescale: str = field("inverse", "kept entries x 1/(1-p) (inverse), x ||d||_1/||kept d||_1 per tensor (l1), "
+                         "or x 1 (none)", choices=RESCALES)
+    k: float = field(0.0, "DARE-k: dropped entries x k, kept x (1-kp)/(1-p); 0 is plain DARE")
+
+    def __post_init__(self):
+        check_range("dare", "p", self.p, 0.0, 1.0, high_open=True)
+        if not math.isfinite(self.k):
+            raise ParameterError(f"method 'dare': k={self.k!r} must be a finite number")
+        if self.k != 0 and self.rescale != "inverse":
+            raise ParameterError("method 'dare': k != 0 (DARE-k) is defined with rescale=inverse only")
+
+
+class Dare(LossyMethod):
+    method_id = "dare"
+    Params = DareParams
+    summary = "random drop of a fraction p of the delta, rescaled (DARE); k: the paper's DARE-k"
+
+    def stored_arrays(self, dtype, shape, chunk_elems, state) -> list[StoredArray]:
+        role = "kept" if self.params.k == 0 else "delta"
+        return [StoredArray(role, dtype.bits, chunk_elems, math.prod(shape), "delta")]
+
+    def post_stats(self, delta, ctx):
+        if self.params.rescale != "l1":
+            return None
+        return {"abs": magnitude_sum(delta), "abs_kept": magnitude_sum(delta, keep_mask(ctx, self.params.p))}
+
+    def finalize_post(self, combined, state):
+        if self.params.rescale == "l1":
+            kept = total(combined["abs_kept"]) if combined else 0.0
+            state = {**state, "factor": total(combined["abs"]) / kept if kept > 0 else 1.0}
+        return state
+
+    def factor(self, ctx: ChunkContext) -> np.float32:
+        p = self.params
+        if p.rescale == "inverse":
+            return np.float32(1.0 / (1.0 - p.p))
+        return np.float32(ctx.state.get("factor", 1.0)) if p.rescale == "l1" else np.float32(1.0)
+
+    def encode_delta(self, delta, base, ft, ctx):
+        zz = exact_delta(base, ft)
+        if self.params.k != 0:
+            return {"delta": zz}
+        return {"kept": zz[keep_mask(ctx, self.params.p)]}
+
+    def decode_delta(self, stored, base, ctx):
+        keep = keep_mask(ctx, self.params.p)
+        if self.params.k != 0:
+            zz = scratch("dare.bits", ctx.size, base.dtype)
+            zz[...] = stored["delta"][: ctx.size]
+        else:
+            zz = scratch("dare.bits", ctx.size, base.dtype)
+            zz[...] = 0
+            zz[keep] = stored["kept"][: int(keep.sum())]
+        delta = delta_from_bits(base, zz, ctx, self)
+        if self.params.k == 0:
+            delta *= self.factor(ctx)
+            delta[~keep] = 0
+        else:
+            p, k = self.params.p, self.params.k
+            delta *= np.where(keep, np.float32((1 - k * p) / (1 - p)), np.float32(k))
+        return delta
+
+
+@dataclass(frozen=True)
+class BiasedParams:
+    p: float = field(0.5, "the drop rate the multipliers are built from")
+    k: float = field(0.5, "negative deltas x k, positive ones x (1-kp)/(1-p)")
+
+    def __post_init__(self):
+        check_range("biased", "p", self.p, 0.0, 1.0, high_open=True)
+
+
+class Biased(LossyMethod):
+    method_id = "biased"
+    Params = BiasedParams
+    summary = "the paper's Table 1 'biased' DARE-k: the delta's sign instead of a random mask"
+    compact = False
+
+    def edit_delta(self, delta, ctx):
+        p, k = self.params.p, self.params.k
+        delta *= np.where(delta < 0, np.float32(k), np.float32((1 - k * p) / (1 - p)))
+        return delta
