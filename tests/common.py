@@ -130,3 +130,35 @@ def check_roundtrip(tmp: str, base: str, ft: str, method: str = "lossless", **kw
     out = ds.apply(base, art, os.path.join(tmp, f"{tag}-out"), overwrite=True, **apply_kwargs)
     assert read_raw(out) == read_raw(ft)
     return art
+
+
+# --- lossy methods: dense references ----------------------------------------------------------
+
+def tensor_f32(folder: str, name: str) -> np.ndarray:
+    """One tensor of a checkpoint folder as float32, shaped, via deltastream's exact widening."""
+    from deltastream.dtypes import DTYPES, to_float32
+
+    dtype, shape, raw = read_raw(folder)[name]
+    bits = np.frombuffer(raw, DTYPES[dtype].bits)
+    return to_float32(bits, DTYPES[dtype]).reshape(shape)
+
+
+def round_like(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values rounded to a dtype and widened back (the reference's output rounding)."""
+    from deltastream.dtypes import DTYPES, from_float32, to_float32
+
+    flat = np.ascontiguousarray(values, np.float32).reshape(-1)
+    return to_float32(from_float32(flat, DTYPES[dtype]), DTYPES[dtype]).reshape(values.shape)
+
+
+def check_edit_matches(tmp: str, base: str, ft: str, out: str, name: str, edited_ref: np.ndarray,
+                       dtype: str, exact: bool = True) -> None:
+    """The edit's output tensor equals round(base + reference edited delta)."""
+    expected = round_like(tensor_f32(base, name) + edited_ref, dtype)
+    got = tensor_f32(out, name)
+    if exact:
+        assert np.array_equal(got, expected), f"{name}: {np.abs(got - expected).max()}"
+    else:  # sums in another order: equal to fp32 rounding, so at most one output ulp apart
+        ulp = np.abs(round_like(expected * np.float32(1 + 2**-7), dtype) - expected) + 1e-30
+        assert (np.abs(got - expected) <= ulp).all(), f"{name}: {np.abs(got - expected).max()}"
+        assert np.mean(got == expected) > 0.99
