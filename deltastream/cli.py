@@ -15,8 +15,11 @@ import time
 from . import api
 from ._version import __version__
 from .errors import DeltastreamError, Interrupted
+from .config import load_job_config
+from .errors import ParameterError
 from .jobs.info import format_info
-from .methods import METHODS
+from .methods import METHODS, get_method
+from .params import parse_assignments
 from .units import format_size
 
 __all__ = ["main", "build_parser"]
@@ -31,6 +34,25 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
+def _add_method_options(p: argparse.ArgumentParser, default: str | None) -> None:
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default=None, metavar="NAME",
+                   help=f"one of: {', '.join(sorted(METHODS))}" + (f" (default: {default})" if default else ""))
+    g.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method parameter, repeatable (see 'deltastream methods')")
+    g.add_argument("--seed", type=int, default=None, help="seed of random edits (default: 0), recorded")
+    g.add_argument("--include", action="append", default=None, metavar="GLOB",
+                   help="also edit tensors matching this name pattern (repeatable)")
+    g.add_argument("--exclude", action="append", default=None, metavar="GLOB",
+                   help="keep tensors matching this pattern exact (repeatable; wins over --include)")
+    g.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="method, params, seed, include, exclude... from YAML; options given here win")
+    g.add_argument("--chunk-size", default=None, metavar="SIZE",
+                   help="bytes of each tensor per task, e.g. 32MiB (default: 32MiB, shrunk to fit --memory)")
+    g.add_argument("--memory", default=None, metavar="SIZE", help="memory budget for chunks in flight (default: 1GiB)")
+    p.set_defaults(default_method=default)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deltastream",
@@ -43,14 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("base", help="base checkpoint: folder, model.safetensors.index.json or .safetensors file")
     p.add_argument("fine_tune", help="fine-tuned checkpoint, same forms as BASE")
     p.add_argument("-o", "--output", required=True, metavar="OUT.dsz", help="artifact to write")
-    p.add_argument("--method", default="lossless", choices=sorted(METHODS), help="encoding (default: lossless)")
-    p.add_argument("--chunk-size", default=None, metavar="SIZE",
-                   help="bytes of each tensor per task, e.g. 32MiB (default: 32MiB, shrunk to fit --memory)")
-    p.add_argument("--memory", default=None, metavar="SIZE",
-                   help="memory budget for chunks in flight (default: 1GiB)")
-    p.add_argument("--seed", type=int, default=None, help="seed of random edits, recorded in the artifact")
+    _add_method_options(p, default="lossless")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     _add_run_options(p)
+
+    p = sub.add_parser("edit", help="write base + an edited delta as a checkpoint (DARE, BitDelta, trim...)")
+    p.add_argument("base", help="base checkpoint")
+    p.add_argument("fine_tune", help="fine-tuned checkpoint")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="checkpoint folder to write")
+    _add_method_options(p, default=None)
+    p.add_argument("--max-shard-size", default=None, metavar="SIZE",
+                   help="largest output shard, Hugging Face style (default: 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    _add_run_options(p)
+
+    p = sub.add_parser("methods", help="list every method with its parameters")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("apply", help="rebuild the fine-tune from base + artifact")
     p.add_argument("base", help="the base checkpoint the artifact was made against")
@@ -77,18 +107,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def format_methods(described: list[dict]) -> str:
+    """The table ``deltastream methods`` prints."""
+    lines = []
+    for m in described:
+        form = "compress, edit" if m["compact"] else "edit only"
+        lines += [f"{m['id']}  ({form})", f"    {m['summary']}"]
+        for p in m["params"]:
+            choices = f" {{{'|'.join(map(str, p['choices']))}}}" if p["choices"] else ""
+            lines.append(f"    {p['name']:<10} {p['type']:<6} default {p['default']!s:<9}{choices}  {p['help']}")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
 def _run_kwargs(args: argparse.Namespace) -> dict:
     return {"workers": args.workers, "scheduler": args.scheduler, "progress": None if not args.quiet else False}
+
+
+def _job_options(args: argparse.Namespace) -> dict:
+    """Method, parameters, policy and sizes from --config, then the command line on top."""
+    doc = load_job_config(args.config) if args.config else {}
+    method = args.method or doc.get("method") or args.default_method
+    if method is None:
+        raise ParameterError("no method: pass --method NAME (see 'deltastream methods') or a --config with one")
+    params = {**doc.get("params", {}), **parse_assignments(args.param)}
+    workers = args.workers if args.workers is not None else doc.get("workers")
+    return {
+        "method": get_method(method, **params),
+        "seed": args.seed if args.seed is not None else int(doc.get("seed", 0)),
+        "include": tuple(args.include if args.include is not None else doc.get("include", ())),
+        "exclude": tuple(args.exclude if args.exclude is not None else doc.get("exclude", ())),
+        "chunk_size": args.chunk_size or doc.get("chunk_size"),
+        "memory": args.memory or doc.get("memory"),
+        "workers": workers, "scheduler": args.scheduler, "progress": None if not args.quiet else False,
+        **({"max_shard_size": args.max_shard_size or doc.get("max_shard_size") or "5GB"}
+           if hasattr(args, "max_shard_size") else {}),
+    }
 
 
 def _command(args: argparse.Namespace) -> int:
     if args.command == "compress":
         start = time.perf_counter()
-        out = api.compress(args.base, args.fine_tune, args.output, args.method, chunk_size=args.chunk_size,
-                           memory=args.memory, seed=args.seed, overwrite=args.overwrite, **_run_kwargs(args))
+        options = _job_options(args)
+        out = api.compress(args.base, args.fine_tune, args.output, options.pop("method"), overwrite=args.overwrite,
+                           **options)
         summary = api.info(out)
         print(f"wrote {out}: {format_size(summary['stored_bytes'])} for a {format_size(summary['fine_tune_bytes'])}"
               f" fine-tune ({summary['ratio']:.2f}x) in {time.perf_counter() - start:.1f}s")
+    elif args.command == "edit":
+        start = time.perf_counter()
+        options = _job_options(args)
+        method = options.pop("method")
+        out = api.edit(args.base, args.fine_tune, args.output, method, overwrite=args.overwrite, **options)
+        print(f"wrote {out} ({method.method_id}) in {time.perf_counter() - start:.1f}s")
+    elif args.command == "methods":
+        described = [cls.describe() for _, cls in sorted(METHODS.items())]
+        print(json.dumps(described, indent=2, default=str) if args.json else format_methods(described))
     elif args.command == "apply":
         start = time.perf_counter()
         out = api.apply(args.base, args.artifact, args.output, max_shard_size=args.max_shard_size,
