@@ -63,6 +63,9 @@ PRESETS = {
     "xor": Preset("xor", blosc=("zstd", 1, "bitshuffle")),
     # data that does not compress (packed sign bits): checksum only
     "raw": Preset("raw"),
+    # incompressible data packed at the front of a chunk whose tail is zero padding (the packed
+    # signs of DARE's kept entries): zstd removes the padding, costs ~nothing on the rest
+    "front": Preset("front", blosc=("zstd", 1, "noshuffle")),
     # small side files (JSON, tokenizers)
     "text": Preset("text", zstd=9),
 }

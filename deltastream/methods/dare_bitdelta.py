@@ -45,7 +45,7 @@ class DareBitDelta(LossyMethod):
     summary = "DARE's random drop, then the signs of the kept entries and one scale (densest storage)"
 
     def stored_arrays(self, dtype, shape, chunk_elems, state):
-        return [packed_array("signs", chunk_elems, math.prod(shape))]
+        return [packed_array("signs", chunk_elems, math.prod(shape), compression="front")]
 
     def post_stats(self, delta, ctx):
         keep = keep_mask(ctx, self.params.p)
