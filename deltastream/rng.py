@@ -41,14 +41,20 @@ def _mix_np(x: np.ndarray) -> np.ndarray:
 
 def uniform_u32(key: tuple[int, int], start: int, stop: int) -> np.ndarray:
     """The uint32 draws of elements [start, stop) of the tensor with this key."""
-    k0, k1 = (np.uint32(k) for k in key)
-    index = np.arange(start, stop, dtype=np.uint64)
-    h = (index & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-    h ^= k0
-    _mix_np(h)
-    h ^= (index >> np.uint64(32)).astype(np.uint32)
-    h ^= k1
-    return _mix_np(h)
+    out = np.empty(max(0, stop - start), np.uint32)
+    # pieces that do not cross a multiple of 2^32 share their index's high half
+    pos = start
+    while pos < stop:
+        hi, lo = divmod(pos, 1 << 32)
+        end = min(stop, (hi + 1) << 32)
+        h = out[pos - start: end - start]
+        h[...] = np.arange(lo, lo + (end - pos), dtype=np.uint32)
+        h ^= np.uint32(key[0])
+        _mix_np(h)
+        h ^= np.uint32((hi ^ key[1]) & 0xFFFFFFFF)
+        _mix_np(h)
+        pos = end
+    return out
 
 
 def threshold_u32(p: float) -> int:
