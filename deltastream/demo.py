@@ -50,6 +50,7 @@ DEMO_RUNS = [
     ("lossless", {}),
     ("dare", {"p": 0.9}),
     ("bitdelta", {}),
+    ("bitdelta", {"bits": 2}),
     ("bitdelta", {"residual": 1}),
     ("dare_bitdelta", {"p": 0.9}),
     ("lowrank", {"rank_fraction": 0.1}),

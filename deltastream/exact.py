@@ -55,18 +55,17 @@ def _split_sums(mag: np.ndarray, rows: int = 1) -> tuple[np.ndarray, np.ndarray]
 
 
 def _slow_sum(mag: np.ndarray) -> FixedSum:
-    """Exact for any float32: integer mantissas summed per exponent."""
+    """The same truncated sum for any float32: each mantissa is cut at the 2^-56 grid, then the
+    cut mantissas are summed exactly per exponent."""
     bits = mag.view(np.uint32)
-    exponent = bits >> 23
+    exponent = (bits >> 23).astype(np.int64)
     if (exponent == 255).any():
         raise OverflowError("infinite or NaN magnitude")
-    mantissa = (bits & 0x7FFFFF) | ((exponent > 0).astype(np.uint32) << 23)
-    per_exp = np.bincount(exponent, weights=mantissa, minlength=256).astype(np.int64).tolist()
-    out = 0
-    for e, m in enumerate(per_exp):
-        shift = max(e, 1) - 150 + LO_SHIFT
-        out += (m << shift) if shift >= 0 else (m >> -shift)
-    return out
+    mantissa = ((bits & 0x7FFFFF) | ((exponent > 0).astype(np.uint32) << 23)).astype(np.int64)
+    shift = np.maximum(exponent, 1) - 150 + LO_SHIFT  # value = mantissa * 2^(shift) grid units
+    cut = np.where(shift < 0, mantissa >> np.minimum(-shift, 63), mantissa)
+    per_exp = np.bincount(exponent, weights=cut, minlength=256).astype(np.int64).tolist()
+    return sum(m << max(max(e, 1) - 150 + LO_SHIFT, 0) for e, m in enumerate(per_exp))
 
 
 def magnitude_sum(values: np.ndarray, mask: np.ndarray | None = None) -> FixedSum:

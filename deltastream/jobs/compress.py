@@ -95,8 +95,9 @@ def compress(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes
             r = results[job.name]
             if job.method.lossy:
                 job.state = job.method.finalize_post(r.get("post"), job.state)
-            state_arrays = write_state_arrays(root, tensor_key(job.index), job.state)
-            entries.append(_entry(job, r, state_arrays))
+            stored_state = {k: v for k, v in job.state.items() if not k.startswith("_")}
+            state_arrays = write_state_arrays(root, tensor_key(job.index), stored_state)
+            entries.append(_entry(job, r, stored_state, state_arrays))
         manifest = mf.new_manifest(method=method, seed=seed, chunk_bytes=chunk_bytes, tensors=entries,
                                    side_files=side_keys, ft_metadata=ft_ckpt.metadata, policy=policy,
                                    base_path=base_ckpt.path, ft_path=ft_ckpt.path)
@@ -104,13 +105,13 @@ def compress(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes
     return os.path.abspath(out)
 
 
-def _entry(job: TensorJob, r: dict, state_arrays: list[str]) -> mf.TensorEntry:
+def _entry(job: TensorJob, r: dict, state: dict, state_arrays: list[str]) -> mf.TensorEntry:
     plan = job.plan
     base = None
     if plan.base is not None:
         base = {"dtype": plan.base.dtype.name, "shape": list(plan.base.shape),
                 "head_crc32c": r["head_crc_list"][0], "chunk_crc32c": r["base_crc_list"]}
-    json_state = {k: v for k, v in job.state.items() if k not in state_arrays}
+    json_state = {k: v for k, v in state.items() if k not in state_arrays}
     return mf.TensorEntry(
         name=plan.name, key=tensor_key(job.index), dtype=plan.ft.dtype, shape=plan.ft.shape,
         policy=job.policy, chunk_elems=plan.chunk_elems, base=base, ft_chunk_crc32c=r["ft_crc_list"],

@@ -119,7 +119,7 @@ def run_stats_passes(jobs: list[TensorJob], seed: int, options: RunOptions, *, p
     lossy = [j for j in jobs if j.method.lossy]
     passes = max((j.method.pre_passes(j.plan.ft.shape) for j in lossy), default=0)
     for i in list(range(passes)) + ([-1] if post else []):
-        todo = [j for j in lossy if i < 0 or i < j.method.pre_passes(j.plan.ft.shape)]
+        todo = [j for j in lossy if (j.method.has_post_stats if i < 0 else i < j.method.pre_passes(j.plan.ft.shape))]
         tasks = [StatsTask(j.plan.ft, j.plan.base, j.plan.base_numel, j.method, j.context(c, seed),
                            i, j.name if i < 0 else j.method.stats_group(i, j.name))
                  for j in todo for c in j.plan.chunks()]

@@ -11,6 +11,8 @@ from .dare import Biased, Dare
 from .dare_bitdelta import DareBitDelta
 from .extrapolate import Extrapolate
 from .lossless import Lossless
+from .lowrank import LowRank
+from .trim import Trim
 
 __all__ = ["METHODS", "Method", "StoredArray", "get_method", "method_from_config"]
 
@@ -21,6 +23,8 @@ METHODS: dict[str, type[Method]] = {
     BitDelta.method_id: BitDelta,
     DareBitDelta.method_id: DareBitDelta,
     Extrapolate.method_id: Extrapolate,
+    Trim.method_id: Trim,
+    LowRank.method_id: LowRank,
 }
 
 

@@ -21,7 +21,9 @@ What a method does with a chunk, in the order the jobs call it:
    ``apply`` of an artifact and ``edit`` give the same bits by construction.
 
 Chunk i of a tensor's plan is chunk i of every stored array. A tensor's ``state`` is a dict:
-JSON values go to the manifest, numpy arrays to arrays of the tensor's group.
+JSON values go to the manifest, numpy arrays to arrays of the tensor's group, and keys starting
+with ``_`` are the encoder's own (thresholds, tie offsets, factors to encode from): they reach
+the tasks but are never stored.
 """
 
 from __future__ import annotations
@@ -166,6 +168,11 @@ class Method:
 
     def post_stats(self, delta: np.ndarray, ctx: ChunkContext) -> dict | None:
         return None
+
+    @property
+    def has_post_stats(self) -> bool:
+        """Whether post_stats is overridden: ``edit`` skips the post pass (a full read) otherwise."""
+        return type(self).post_stats is not Method.post_stats
 
     def finalize_post(self, combined: dict | None, state: dict) -> dict:
         return state

@@ -150,6 +150,10 @@ class BitDelta(LossyMethod):
             return self._blocks.finalize_pre(i, combined, state)
         return {**state, "alpha": list(state.get("alpha", [])) + [self._alpha(combined, state["_rows"])]}
 
+    @property
+    def has_post_stats(self) -> bool:
+        return self._blocks is None  # magnitude blocks find everything in their pre passes
+
     def post_stats(self, delta, ctx):
         if self._blocks:
             return None

@@ -1,0 +1,130 @@
+"""Multi-bit BitDelta by magnitude blocks (the Unified-View paper, §5.3; METHODS.md §2.8, A.5).
+
+Per tensor, sort |delta| and cut it into M = 2^bits equal-count blocks, block b holding the ranks
+[floor(b*n/M), floor((b+1)*n/M)) (sizes differ by at most one); every magnitude becomes its
+block's mean magnitude times ``scale``, and the sign is kept::
+
+    edited = sign(delta) * levels[block(|delta|)],   levels[b] = scale * mean(|delta| in block b)
+
+Ranks order equal magnitudes by position (flat index), so a tie spanning a block boundary (bf16
+deltas hold many exact zeros) is split exactly and every block has its nominal count. The sign of
+an exact zero is + (BitDelta's reference code). M = 1 would be plain BitDelta (``bits: 0`` there).
+
+Stored per chunk (preset "raw", np.packbits order): ``signs``, one bit per element (1: delta >= 0);
+``codes``, the block index as ``bits`` packed bit planes, plane p = bit p of the index (least
+significant first), planes one after the other. The codebook is ``levels`` in the state (JSON
+floats, float32 values). A level is float32(total(exact block sum) / count * scale), 0 for an
+empty block (n < M).
+
+Passes (all before encoding, since an edit needs the levels up front): the rank search of
+``deltastream.ranks`` (2 histogram passes, or 3 past 3 bits), then one pass that counts each
+chunk's ties at the thresholds and sums the untied magnitudes per block exactly; tied elements
+all have the threshold's value, so their share of each block's sum follows from the counts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import ranks
+from ..exact import magnitude_sum, total
+from ..params import check_range, field
+from ..scratch import scratch
+from .base import LossyMethod
+from .packing import pack, packed_array, unpack
+
+__all__ = ["MagnitudeBlocks"]
+
+
+@dataclass(frozen=True)
+class BlocksParams:
+    bits: int = field(1, "magnitude bits: 2^bits equal-count blocks of |delta| per tensor")
+    scale: float = field(1.0, "multiple of each block's mean magnitude (1: the block mean)")
+
+    def __post_init__(self):
+        check_range("bitdelta", "bits", self.bits, 1, 8)
+        check_range("bitdelta", "scale", self.scale, 0.0, None, low_open=True)
+
+
+class MagnitudeBlocks(LossyMethod):
+    """Not registered: ``bitdelta`` with ``bits >= 1`` delegates to it (same id, same arrays)."""
+
+    method_id = "bitdelta"
+    Params = BlocksParams
+    summary = "signs and 2^bits equal-count magnitude blocks per tensor, each at its mean (multi-bit BitDelta)"
+
+    def __init__(self, bits: int = 1, scale: float = 1.0, *, params: BlocksParams | None = None):
+        super().__init__(params, **({} if params is not None else {"bits": bits, "scale": scale}))
+        self.blocks = 1 << self.params.bits
+        self.widths = ranks.digit_widths(self.blocks - 1)
+
+    # --- passes: the rank search, then ties and exact block sums ------------------------------
+    def pre_passes(self, shape):
+        return len(self.widths) + 1
+
+    def pre_stats(self, i, delta, ctx):
+        bits = ranks.magnitude_bits(delta, out=delta)  # in place: delta is not used again
+        if i < len(self.widths):
+            return {"hist": ranks.histogram(bits, ctx.state["_search"] if i else None)}
+        cut = ranks.Cut(ctx.state["_search"])
+        mag = bits.view(np.float32)
+        ties = np.zeros(cut.values.size, np.int64)
+        sums = np.zeros(self.blocks, object)  # exact sums (FixedSum ints) of the untied magnitudes
+        for s, e in ranks.slices(bits.size):
+            block, tied, value = ranks.classify(bits[s:e], cut)
+            ties += np.bincount(value, minlength=ties.size)
+            key = block.astype(np.uint16)
+            key[tied] = self.blocks  # tied elements: counted from the totals in finalize_pre
+            order = np.argsort(key, kind="stable")  # radix sort: the magnitudes grouped by block
+            ordered = mag[s:e][order]
+            first = 0
+            for b, count in enumerate(np.bincount(key, minlength=self.blocks + 1)[: self.blocks].tolist()):
+                if count:
+                    sums[b] += magnitude_sum(ordered[first:first + count])
+                first += count
+        return {**ranks.tie_record((ctx.tensor, ctx.index), ties), "sums": sums}
+
+    def finalize_pre(self, i, combined, state):
+        if i == 0:
+            n = int(combined["hist"].sum())
+            search = ranks.new_search(n, [b * n // self.blocks for b in range(1, self.blocks)], self.widths)
+            return {**state, "_search": ranks.refine(search, combined["hist"])}
+        if i < len(self.widths):
+            return {**state, "_search": ranks.refine(state["_search"], combined["hist"])}
+        search = state["_search"]
+        (offsets,) = ranks.tie_offsets(search, combined["ties_list"]).values()  # one tensor
+        sums = [int(s) for s in combined["sums"]]
+        for value, block, count in ranks.tied_blocks(search):
+            sums[block] += count * magnitude_sum(np.array([value], np.uint32).view(np.float32))
+        edges = [0] + search["ranks"] + [search["n"]]
+        levels = [float(np.float32(total(s) / (hi - lo) * self.params.scale)) if hi > lo else 0.0
+                  for s, lo, hi in zip(sums, edges, edges[1:])]
+        return {**state, "levels": levels, "_tie_offsets": offsets}
+
+    # --- the artifact form ----------------------------------------------------------------------
+    def stored_arrays(self, dtype, shape, chunk_elems, state):
+        numel = math.prod(shape)
+        return [packed_array("signs", chunk_elems, numel),
+                packed_array("codes", chunk_elems, numel, planes=self.params.bits)]
+
+    def encode_delta(self, delta, base, ft, ctx):
+        signs = pack(delta >= 0)
+        bits = ranks.magnitude_bits(delta, out=delta)
+        code = ranks.assign(bits, ctx.state["_search"], ctx.state["_tie_offsets"][ctx.index],
+                            out=scratch("blocks.code", delta.size, np.uint8))
+        planes = [pack((code >> np.uint8(p)) & np.uint8(1)) for p in range(self.params.bits)]
+        return {"signs": signs, "codes": np.concatenate(planes) if planes else np.zeros(0, np.uint8)}
+
+    def decode_delta(self, stored, base, ctx):
+        n, width = ctx.size, math.ceil(ctx.size / 8)
+        code = scratch("blocks.code", n, np.uint8)
+        code[...] = 0
+        for p in range(self.params.bits):
+            code |= unpack(stored["codes"][p * width:(p + 1) * width], n).view(np.uint8) << np.uint8(p)
+        edited = scratch("blocks.edited", n, np.float32)
+        np.take(np.asarray(ctx.state["levels"], np.float32), code, out=edited)
+        np.negative(edited, out=edited, where=~unpack(stored["signs"], n))
+        return edited
