@@ -55,6 +55,12 @@ DEMO_RUNS = [
     ("dare_bitdelta", {"p": 0.9}),
     ("lowrank", {"rank_fraction": 0.1}),
 ]
+#: methods with no compact form: the demo shows their edit's error and time
+DEMO_EDITS = [
+    ("trim", {"density": 0.2}),
+    ("extrapolate", {"alpha": 0.3}),
+    ("biased", {"p": 0.5, "k": 0.5}),
+]
 
 
 def _edited_ratio(summary: dict) -> float | None:
@@ -87,6 +93,14 @@ def run_demo(workdir: str | None = None, progress: bool | None = None) -> str:
             elapsed = time.perf_counter() - start
             summary = api.info(art)
             rows.append((label, summary["stored_bytes"], _edited_ratio(summary), _max_abs_error(ft, out), elapsed))
+        for i, (name, params) in enumerate(DEMO_EDITS):
+            if name not in METHODS:
+                continue
+            label = f"{name} ({', '.join(f'{k}={v}' for k, v in params.items())}), edit only"
+            start = time.perf_counter()
+            out = api.edit(base, ft, os.path.join(folder, f"edit{i}"), get_method(name, **params), overwrite=True,
+                           progress=progress)
+            rows.append((label, None, None, _max_abs_error(ft, out), time.perf_counter() - start))
         lines = [
             f"deltastream demo: a Llama-shaped bf16 pair, {shape.n_params / 1e6:.1f}M parameters "
             f"({format_size(ft_bytes)} per checkpoint), made in {made:.1f}s" + (f" in {folder}" if workdir else ""),
@@ -94,12 +108,15 @@ def run_demo(workdir: str | None = None, progress: bool | None = None) -> str:
             f"{'method':<38} {'stored':>10} {'ratio':>8} {'linear':>8} {'max error':>10} {'time':>7}",
         ]
         for label, stored, edited, err, elapsed in rows:
-            lines.append(f"{label:<38} {format_size(stored):>10} {ft_bytes / stored:>7.2f}x "
+            size = "-" if stored is None else format_size(stored)
+            ratio = "-" if stored is None else f"{ft_bytes / stored:.2f}x"
+            lines.append(f"{label:<38} {size:>10} {ratio:>8} "
                          f"{'-' if edited is None else f'{edited:.1f}x':>8} "
                          f"{'-' if err is None else f'{err:.3g}':>10} "
                          f"{'-' if elapsed is None else f'{elapsed:.2f}s':>7}")
         lines += ["",
                   "ratio: the fine-tune's bytes / the artifact's; linear: the same over the tensors the method",
                   "edits (embeddings, lm_head and norms are stored exactly); max error: largest |rebuilt - fine-tune|;",
-                  "time: compress + apply (a lossless rebuild is checked bit for bit against the fine-tune's CRCs)"]
+                  "time: compress + apply (a lossless rebuild is checked bit for bit against the fine-tune's CRCs),",
+                  "or the edit for methods with no compact form"]
         return "\n".join(lines)
