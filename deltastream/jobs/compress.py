@@ -24,7 +24,7 @@ from ..methods import Method, StoredArray
 from ..methods.base import ChunkContext, combine_partials
 from ..plan import DEFAULT_CHUNK_BYTES, pair_tensors
 from ..policy import Policy
-from .tensors import TensorJob, prepare_jobs, read_pair, run_stats_passes
+from .tensors import TensorJob, batches, prepare_jobs, read_pair, run_stats_passes
 
 __all__ = ["compress", "CompressTask", "compress_chunk", "head_crc32c"]
 
@@ -75,34 +75,43 @@ def compress(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes
     jobs = prepare_jobs(pair_tensors(base_ckpt, ft_ckpt, chunk_bytes), method, policy, ft_ckpt)
     with atomic_output(out, overwrite=overwrite, inputs=[base_ckpt.path, ft_ckpt.path]) as root:
         write_root_attrs(root, {})
-        run_stats_passes(jobs, seed, options, post=False)
-        tasks = []
-        for job in jobs:
-            key = tensor_key(job.index)
-            arrays = tuple(job.method.stored_arrays(job.plan.ft.dtype, job.plan.ft.shape, job.plan.chunk_elems,
-                                                    job.state))
-            create_arrays(root, key, list(arrays))
-            tasks += [CompressTask(root, key, job.plan.ft, job.plan.base, job.plan.base_numel, job.method,
-                                   job.context(chunk, seed), arrays) for chunk in job.plan.chunks()]
         side_keys = write_side_files(root, ft_ckpt.side_files)
-        results = run_reduce(
-            compress_chunk, tasks, group_of=lambda t: t.ctx.tensor, combine=combine_partials, name="compress",
-            options=options, total_bytes=sum(j.plan.ft.nbytes * 2 for j in jobs),
-            bytes_of=lambda t: t.ctx.size * t.ft.dtype.itemsize * 2,
-        )
         entries = []
-        for job in jobs:
-            r = results[job.name]
-            if job.method.lossy:
-                job.state = job.method.finalize_post(r.get("post"), job.state)
-            stored_state = {k: v for k, v in job.state.items() if not k.startswith("_")}
-            state_arrays = write_state_arrays(root, tensor_key(job.index), stored_state)
-            entries.append(_entry(job, r, stored_state, state_arrays))
+        for batch in batches(jobs):
+            entries += _compress_batch(root, batch, seed, options)
         manifest = mf.new_manifest(method=method, seed=seed, chunk_bytes=chunk_bytes, tensors=entries,
                                    side_files=side_keys, ft_metadata=ft_ckpt.metadata, policy=policy,
                                    base_path=base_ckpt.path, ft_path=ft_ckpt.path)
         write_root_attrs(root, {mf.ATTRS_KEY: manifest})
     return os.path.abspath(out)
+
+
+def _compress_batch(root: str, jobs: list[TensorJob], seed: int, options: RunOptions) -> list[mf.TensorEntry]:
+    """Stats passes, then the write pass, of a batch of tensors; their manifest entries."""
+    run_stats_passes(jobs, seed, options, post=False)
+    tasks = []
+    for job in jobs:
+        key = tensor_key(job.index)
+        arrays = tuple(job.method.stored_arrays(job.plan.ft.dtype, job.plan.ft.shape, job.plan.chunk_elems,
+                                                job.state))
+        create_arrays(root, key, list(arrays))
+        tasks += [CompressTask(root, key, job.plan.ft, job.plan.base, job.plan.base_numel, job.method,
+                               job.context(chunk, seed), arrays) for chunk in job.plan.chunks()]
+    results = run_reduce(
+        compress_chunk, tasks, group_of=lambda t: t.ctx.tensor, combine=combine_partials, name="compress",
+        options=options, total_bytes=sum(j.plan.ft.nbytes * 2 for j in jobs),
+        bytes_of=lambda t: t.ctx.size * t.ft.dtype.itemsize * 2,
+    )
+    entries = []
+    for job in jobs:
+        r = results[job.name]
+        if job.method.lossy:
+            job.state = job.method.finalize_post(r.get("post"), job.state)
+        stored_state = {k: v for k, v in job.state.items() if not k.startswith("_")}
+        state_arrays = write_state_arrays(root, tensor_key(job.index), stored_state)
+        entries.append(_entry(job, r, stored_state, state_arrays))
+        job.state = {}  # written: let the batch's memory go
+    return entries
 
 
 def _entry(job: TensorJob, r: dict, state: dict, state_arrays: list[str]) -> mf.TensorEntry:

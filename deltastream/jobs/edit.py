@@ -14,6 +14,8 @@ import os
 import shutil
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..checkpoint import CheckpointWriter, OutputTensor, TensorInfo, open_checkpoint
 from ..checkpoint.writer import write_at
 from ..engine import RunOptions, atomic_output, run_tasks
@@ -21,7 +23,7 @@ from ..methods import Method
 from ..methods.base import ChunkContext
 from ..plan import DEFAULT_CHUNK_BYTES, pair_tensors
 from ..policy import Policy
-from .tensors import prepare_jobs, read_pair, run_stats_passes
+from .tensors import batches, prepare_jobs, read_pair, run_stats_passes
 
 __all__ = ["edit", "EditTask", "edit_chunk"]
 
@@ -46,23 +48,27 @@ def edit_chunk(task: EditTask) -> None:
 
 def edit(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
          seed: int = 0, policy: Policy = Policy(), max_shard_size: int = 5 * 10**9, overwrite: bool = False,
-         options: RunOptions = RunOptions()) -> tuple[str, list]:
+         options: RunOptions = RunOptions(), keep_state: bool = False) -> tuple[str, list]:
     """Write base + method(delta) as a checkpoint folder ``out``; return its path and the jobs
-    (their policies and states, for reporting)."""
+    (their policies and states, for reporting; array states are dropped after each batch unless
+    ``keep_state``)."""
     base_ckpt = open_checkpoint(base)
     ft_ckpt = open_checkpoint(fine_tune)
     jobs = prepare_jobs(pair_tensors(base_ckpt, ft_ckpt, chunk_bytes), method, policy, ft_ckpt)
     outputs = [OutputTensor(j.name, j.plan.ft.dtype.name, j.plan.ft.shape) for j in jobs]
     metadata = {**ft_ckpt.metadata, "deltastream_method": method.method_id, "deltastream_seed": str(seed)}
     with atomic_output(out, overwrite=overwrite, inputs=[base_ckpt.path, ft_ckpt.path]) as folder:
-        run_stats_passes(jobs, seed, options, post=True)
         writer = CheckpointWriter(folder, outputs, max_shard_size, metadata)
         writer.create()
         for name, path in ft_ckpt.side_files.items():
             shutil.copyfile(path, os.path.join(folder, name))
-        tasks = [EditTask(j.plan.ft, j.plan.base, j.plan.base_numel, j.method, j.context(chunk, seed),
-                          *writer.location(j.name)) for j in jobs for chunk in j.plan.chunks()]
-        run_tasks(edit_chunk, tasks, name="edit", options=options,
-                  total_bytes=sum(j.plan.ft.nbytes * 2 for j in jobs),
-                  bytes_of=lambda t: t.ctx.size * t.ctx.dtype.itemsize * 2)
+        for batch in batches(jobs):  # passes then writes, a batch of tensors' state at a time
+            run_stats_passes(batch, seed, options, post=True)
+            tasks = [EditTask(j.plan.ft, j.plan.base, j.plan.base_numel, j.method, j.context(chunk, seed),
+                              *writer.location(j.name)) for j in batch for chunk in j.plan.chunks()]
+            run_tasks(edit_chunk, tasks, name="edit", options=options,
+                      total_bytes=sum(j.plan.ft.nbytes * 2 for j in batch),
+                      bytes_of=lambda t: t.ctx.size * t.ctx.dtype.itemsize * 2)
+            for job in batch if not keep_state else ():
+                job.state = {k: v for k, v in job.state.items() if not isinstance(v, np.ndarray)}
     return os.path.abspath(out), jobs

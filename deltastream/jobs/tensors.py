@@ -23,7 +23,7 @@ from ..plan import Chunk, TensorPlan
 from ..policy import Policy
 from ..scratch import scratch
 
-__all__ = ["TensorJob", "prepare_jobs", "read_pair", "read_pair_base", "run_stats_passes", "tied_aliases"]
+__all__ = ["TensorJob", "batches", "prepare_jobs", "read_pair", "read_pair_base", "run_stats_passes", "tied_aliases"]
 
 _EXACT = Lossless()
 
@@ -112,6 +112,25 @@ def stats_chunk(task: StatsTask):
     if task.pass_index < 0:
         return task.method.post_stats(delta, task.ctx)
     return task.method.pre_stats(task.pass_index, delta, task.ctx)
+
+
+#: the driver memory the tensors of one batch may hold in state and pass partials
+STATE_BUDGET = 256 << 20
+
+
+def batches(jobs: list[TensorJob], budget: int = STATE_BUDGET) -> list[list[TensorJob]]:
+    """Consecutive runs of tensors whose state fits the budget together (one run if none has
+    state): each batch runs its passes and its write, then lets its state go."""
+    out: list[list[TensorJob]] = [[]]
+    used = 0
+    for job in jobs:
+        size = job.method.state_bytes(job.plan.ft.shape) if job.method.lossy else 0
+        if out[-1] and size and used + size > budget:
+            out.append([])
+            used = 0
+        out[-1].append(job)
+        used += size
+    return out
 
 
 def run_stats_passes(jobs: list[TensorJob], seed: int, options: RunOptions, *, post: bool) -> None:

@@ -100,6 +100,13 @@ class LowRankParams:
         check_range("lowrank", "power_iters", self.power_iters, 0)
 
 
+def _state_bytes(shape: tuple[int, ...], params: "LowRankParams") -> int:
+    """The driver's peak for one tensor: bases and partials of d x l and k x l in float64."""
+    if len(shape) != 2:
+        return 0
+    return 3 * (shape[0] + shape[1]) * sketch_width(shape, params) * 8
+
+
 def rank_of(shape: tuple[int, ...], rank_fraction: float) -> int:
     """Twin's rule: r = int(density * min(d, k)) (0 for anything but a non-empty matrix)."""
     if len(shape) != 2:
@@ -304,6 +311,9 @@ class LowRank(LossyMethod):
             raise RuntimeError(f"tensor '{ctx.tensor}': lowrank encode without its factors (passes not run)")
         first, n = _rows_touched(ctx.start, ctx.stop, ctx.shape[1])
         return {"u": ctx.state["_us"][first: first + n].reshape(-1)}
+
+    def state_bytes(self, shape):
+        return _state_bytes(shape, self.params)
 
     def encode_with_stats(self, base, ft, ctx):
         return self.encode(base, ft, ctx), None  # no delta needed: encode reads the factors
