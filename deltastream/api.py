@@ -20,7 +20,7 @@ from .plan import DEFAULT_CHUNK_BYTES
 from .policy import Policy
 from .units import parse_size
 
-__all__ = ["compress", "apply", "edit", "verify", "info", "DEFAULT_MEMORY_BYTES"]
+__all__ = ["compress", "apply", "edit", "merge", "verify", "info", "DEFAULT_MEMORY_BYTES"]
 
 #: the memory budget for chunks in flight; the chunk size shrinks to fit it
 DEFAULT_MEMORY_BYTES = 1 << 30
@@ -92,3 +92,16 @@ def verify(artifact: str, base: str | None = None, *, workers: int | None = None
 def info(artifact: str) -> dict[str, Any]:
     """An artifact's manifest summary, stored sizes and ratios, as JSON-able data."""
     return info_job.info(artifact)
+
+
+def merge(config: str, out: str, *, seed: int = 0, strict: bool = False, chunk_size: int | str | None = None,
+          memory: int | str | None = None, max_shard_size: int | str = "5GB", overwrite: bool = False,
+          workers: int | None = None, scheduler: str | None = None, progress: bool | None = False,
+          client: Any = None) -> str:
+    """Merge the models of a mergekit-style YAML config into the checkpoint folder ``out``."""
+    from .merging.job import merge as merge_job
+
+    options = run_options(workers, scheduler, progress, client)
+    return merge_job(config, out, chunk_bytes=effective_chunk_bytes(chunk_size, memory, options), seed=seed,
+                     strict=strict, max_shard_size=parse_size(max_shard_size, "max shard size"),
+                     overwrite=overwrite, options=options)

@@ -79,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     _add_run_options(p)
 
+    p = sub.add_parser("merge", help="merge fine-tunes from a mergekit-style YAML config")
+    p.add_argument("config", help="the merge config (mergekit's format: merge_method, base_model, models, ...)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="checkpoint folder to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of random sparsification (DARE, DELLA), recorded")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a vocabulary larger than the base's instead of cropping it (with a warning)")
+    p.add_argument("--chunk-size", default=None, metavar="SIZE", help="bytes of each tensor per task (default 32MiB)")
+    p.add_argument("--memory", default=None, metavar="SIZE", help="memory budget for chunks in flight (default 1GiB)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest output shard (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    _add_run_options(p)
+
     p = sub.add_parser("methods", help="list every method with its parameters")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -160,6 +172,12 @@ def _command(args: argparse.Namespace) -> int:
         method = options.pop("method")
         out = api.edit(args.base, args.fine_tune, args.output, method, overwrite=args.overwrite, **options)
         print(f"wrote {out} ({method.method_id}) in {time.perf_counter() - start:.1f}s")
+    elif args.command == "merge":
+        start = time.perf_counter()
+        out = api.merge(args.config, args.output, seed=args.seed, strict=args.strict, chunk_size=args.chunk_size,
+                        memory=args.memory, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                        **_run_kwargs(args))
+        print(f"wrote {out} in {time.perf_counter() - start:.1f}s")
     elif args.command == "methods":
         described = [cls.describe() for _, cls in sorted(METHODS.items())]
         print(json.dumps(described, indent=2, default=str) if args.json else format_methods(described))

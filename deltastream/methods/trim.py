@@ -57,6 +57,11 @@ class Trim(LossyMethod):
     def stats_group(self, i, tensor):
         return GLOBAL_GROUP if self.params.scope == "global" else tensor
 
+    def boundaries(self, n: int) -> list[int]:
+        """The ranks that cut the n magnitudes; the elements kept are those ranked from the first
+        boundary up to the second (or the end). Subclasses (the merge sparsifiers) redefine it."""
+        return [n - round(self.params.density * n)]
+
     def pre_passes(self, shape):
         return len(self.widths) + 1
 
@@ -69,7 +74,7 @@ class Trim(LossyMethod):
     def finalize_pre(self, i, combined, state):
         if i == 0:
             n = int(combined["hist"].sum())
-            search = ranks.new_search(n, [n - round(self.params.density * n)], self.widths)
+            search = ranks.new_search(n, self.boundaries(n), self.widths)
             return {**state, "_search": ranks.refine(search, combined["hist"])}
         if i < len(self.widths):
             return {**state, "_search": ranks.refine(state["_search"], combined["hist"])}
@@ -80,5 +85,5 @@ class Trim(LossyMethod):
         bits = ranks.magnitude_bits(delta, out=scratch("trim.mag", delta.size, np.float32))
         block = ranks.assign(bits, ctx.state["_search"], ctx.state["_tie_offsets"][ctx.tensor][ctx.index],
                              out=scratch("trim.block", delta.size, np.uint8))
-        delta[block == 0] = 0
+        delta[block != 1] = 0  # block 1: the ranks between the first two boundaries
         return delta

@@ -1,0 +1,260 @@
+"""``merge``: a mergekit config -> one merged checkpoint, every input streamed chunk by chunk.
+
+Before any heavy I/O: the config is checked, every model opened by its headers, every tensor
+matched (a missing tensor or a shape mismatch names the model file and the tensor; a vocabulary
+larger than the base's is cropped to it with a warning, or refused with ``strict``). Models given
+as deltastream artifacts are rebuilt first, streamed, into the output's scratch folder.
+
+Then the per-(model, tensor) sparsifiers run their stats passes (exact thresholds for trims, L1
+factors for DARE/DELLA rescale), and one write pass merges each chunk: the base chunk is read once
+for all models, each model's chunk is read, sparsified and combined, and the result is written in
+place in the output shards. Outputs: shards + index, the base's config (torch_dtype set) and
+tokenizer files, a README.md model card, the config used (mergekit_config.yml).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .._version import __version__
+from ..checkpoint import Checkpoint, CheckpointWriter, OutputTensor, TensorInfo, open_checkpoint, read_bits
+from ..checkpoint.writer import write_at
+from ..dtypes import DTYPES, from_float32, to_float32
+from ..engine import RunOptions, atomic_output, run_tasks
+from ..errors import MismatchError, ParameterError, tensor_context
+from ..jobs.tensors import TensorJob, run_stats_passes
+from ..methods.base import ChunkContext, LossyMethod
+from ..plan import DEFAULT_CHUNK_BYTES, TensorPlan, chunk_elements, chunk_ranges
+from ..policy import DEFAULT_KEEP_EXACT
+from .config import MergeConfig, load_merge_config, resolve
+from .methods import GLOBAL, MERGE_METHODS, PER_MODEL, MergeSpec, combine, linear, sparsifier
+
+__all__ = ["merge", "MergeTask", "merge_chunk"]
+
+
+@dataclass(frozen=True)
+class ModelPart:
+    info: TensorInfo  # the model's tensor, cropped to the base's rows
+    weight: float
+    method: LossyMethod | None
+    ctx: ChunkContext | None
+
+
+@dataclass(frozen=True)
+class MergeTask:
+    name: str
+    base: TensorInfo
+    start: int
+    stop: int
+    parts: tuple[ModelPart, ...]
+    spec: MergeSpec | None  # None: copied from the base (not a float tensor)
+    linear: bool
+    normalize: bool
+    lam: float
+    official: bool
+    out_dtype: str
+    out_path: str
+    out_offset: int
+
+
+def _f32(info: TensorInfo, start: int, stop: int) -> np.ndarray:
+    return to_float32(read_bits(info, start, stop), info.dtype, out=np.empty(stop - start, np.float32))
+
+
+def merge_chunk(task: MergeTask) -> None:
+    s, e = task.start, task.stop
+    if task.spec is None:
+        out = read_bits(task.base, s, e)
+    else:
+        base = _f32(task.base, s, e)
+        if task.linear:
+            merged = linear([_f32(p.info, s, e) for p in task.parts], [p.weight for p in task.parts],
+                            task.normalize)
+        else:
+            deltas = []
+            for part in task.parts:
+                delta = _f32(part.info, s, e) - base
+                if part.method is not None:
+                    delta = part.method.edit_delta(delta, part.ctx)
+                deltas.append(delta)
+            merged = combine(base, deltas, [p.weight for p in task.parts], task.spec, normalize=task.normalize,
+                             lam=task.lam, official=task.official)
+        out = from_float32(np.ascontiguousarray(merged, np.float32), DTYPES[task.out_dtype],
+                           out=np.empty(e - s, DTYPES[task.out_dtype].bits))
+    write_at(task.out_path, task.out_offset + s * out.itemsize, out, task.name)
+
+
+def _is_embed(name: str) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(name, p) for p in DEFAULT_KEEP_EXACT)
+
+
+def _open_model(entry, cfg: MergeConfig, scratch_dir: str, base_path: str | None, options: RunOptions) -> Checkpoint:
+    if not os.path.exists(entry.path):
+        raise ParameterError(f"file '{cfg.path}' line {entry.line}: model '{entry.model}' not found ({entry.path})")
+    if os.path.isfile(os.path.join(entry.path, "zarr.json")):  # an artifact: rebuild it, streamed
+        from ..jobs.apply import apply
+
+        if base_path is None:
+            raise ParameterError(f"{cfg.where('models')}: model '{entry.model}' is an artifact: it needs base_model")
+        out = os.path.join(scratch_dir, f"model-{abs(hash(entry.model)) % 10**8}")
+        apply(base_path, entry.path, out, options=options)
+        return open_checkpoint(out)
+    return open_checkpoint(entry.path)
+
+
+def _crop(info: TensorInfo, base: TensorInfo, model: str, strict: bool) -> TensorInfo:
+    if info.shape == base.shape:
+        return info
+    if (_is_embed(info.name) and len(info.shape) == 2 and info.shape[1:] == base.shape[1:]
+            and info.shape[0] > base.shape[0] and info.dtype == base.dtype):
+        if strict:
+            raise MismatchError(f"{tensor_context(info.path, info.name)}: vocabulary {info.shape[0]} differs from "
+                                f"the base's {base.shape[0]} (model '{model}'; without --strict it is cropped)")
+        print(f"deltastream: warning: {tensor_context(info.path, info.name)}: cropped to the base's "
+              f"{base.shape[0]} rows (model '{model}' has {info.shape[0]})", file=sys.stderr)
+        return replace(info, shape=base.shape, nbytes=base.nbytes)
+    raise MismatchError(f"{tensor_context(info.path, info.name)}: shape {info.shape} differs from the base's "
+                        f"{base.shape} (model '{model}')")
+
+
+def _check_params(cfg: MergeConfig, spec: MergeSpec) -> dict:
+    allowed = set(PER_MODEL[spec.sparsify])
+    for i, entry in enumerate(cfg.models):
+        for key in entry.parameters:
+            if key not in allowed:
+                raise ParameterError(f"{cfg.where('models', i, 'parameters', key)}: unknown parameter '{key}' for "
+                                     f"{cfg.method} (per model: {', '.join(sorted(allowed))})")
+    for key in cfg.parameters:
+        if key not in allowed and key not in GLOBAL:
+            raise ParameterError(f"{cfg.where('parameters', key)}: unknown parameter '{key}' for {cfg.method} "
+                                 f"(global: {', '.join(GLOBAL)}; per model: {', '.join(sorted(allowed))})")
+    if cfg.parameters.get("int8_mask"):
+        print("deltastream: note: int8_mask only tunes mergekit's memory use; ignored", file=sys.stderr)
+    return {
+        "normalize": bool(cfg.parameters.get("normalize", spec.normalize)),
+        "rescale": bool(cfg.parameters.get("rescale", spec.rescale)),
+        "lambda": float(cfg.parameters.get("lambda", 1.0)),
+        "official": cfg.parameters.get("consensus", "mergekit") == "official",
+    }
+
+
+def merge(config: str, out: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, seed: int = 0, strict: bool = False,
+          max_shard_size: int = 5 * 10**9, overwrite: bool = False, options: RunOptions = RunOptions()) -> str:
+    cfg = load_merge_config(config)
+    spec = MERGE_METHODS.get(cfg.method)
+    if spec is None:
+        raise ParameterError(f"{cfg.where('merge_method')}: unknown merge_method '{cfg.method}' "
+                             f"(valid: {', '.join(sorted(MERGE_METHODS))})")
+    if cfg.base is None and cfg.method != "linear":
+        raise ParameterError(f"{cfg.where()}: merge_method '{cfg.method}' needs a base_model")
+    flags = _check_params(cfg, spec)
+    if cfg.base is not None and not os.path.exists(cfg.base):
+        raise ParameterError(f"{cfg.where('base_model')}: base_model not found ({cfg.base})")
+    inputs = [cfg.base] if cfg.base else []
+    with atomic_output(out, overwrite=overwrite, inputs=inputs + [m.path for m in cfg.models]) as folder:
+        scratch_dir = os.path.join(folder, ".inputs")
+        base = open_checkpoint(cfg.base) if cfg.base else None
+        if cfg.method != "linear":  # as mergekit: the base listed among the models adds no task vector
+            cfg = replace(cfg, models=tuple(m for m in cfg.models if m.path != cfg.base))
+        models = [_open_model(m, cfg, scratch_dir, cfg.base, options) for m in cfg.models]
+        reference = base or models[0]
+        layers = len({n.split(".layers.")[1].split(".")[0] for n in reference.tensors if ".layers." in n})
+        jobs, tasks_spec = [], []
+        for name, binfo in reference.tensors.items():
+            parts = []
+            for entry, model in zip(cfg.models, models):
+                info = model.tensors.get(name)
+                if info is None:
+                    raise MismatchError(f"{tensor_context(model.path, name)}: missing from model '{entry.model}'")
+                parts.append(_crop(info, binfo, entry.model, strict))
+            tasks_spec.append((name, binfo, parts))
+            if not binfo.dtype.is_float or spec.sparsify is None:
+                continue
+            for entry, info in zip(cfg.models, parts):
+                params = {k: resolve(v, name, layers) for k, v in {**cfg.parameters, **entry.parameters}.items()}
+                method = sparsifier(spec.sparsify, params, flags["rescale"])
+                if method is None:
+                    continue
+                row = binfo.shape[-1] if len(binfo.shape) >= 2 else max(1, binfo.numel)
+                chunk = chunk_elements(binfo.shape, binfo.dtype.itemsize, max(chunk_bytes, row * 4))
+                key = f"{entry.model}\x00{name}"
+                plan = TensorPlan(name=key, ft=replace(info, name=name), base=binfo, chunk_elems=chunk)
+                jobs.append(TensorJob(index=len(jobs), plan=plan, policy=cfg.method, method=method, rng_name=key,
+                                      state=method.initial_state(binfo.shape)))
+        run_stats_passes(jobs, seed, options, post=True)
+        by_key = {j.name: j for j in jobs}
+        out_dtype = cfg.out_dtype or cfg.dtype
+        outputs = [OutputTensor(n, (out_dtype if b.dtype.is_float and out_dtype else b.dtype.name), b.shape)
+                   for n, b, _ in tasks_spec]
+        metadata = {"deltastream_merge": cfg.method, "deltastream_seed": str(seed),
+                    "deltastream_version": __version__}
+        writer = CheckpointWriter(folder, outputs, max_shard_size, metadata)
+        writer.create()
+        tasks = []
+        for (name, binfo, parts), output in zip(tasks_spec, outputs):
+            path, offset = writer.location(name)
+            weights, methods = [], []
+            for entry in cfg.models:
+                params = {k: resolve(v, name, layers) for k, v in {**cfg.parameters, **entry.parameters}.items()}
+                if params.get("weight") is None:
+                    raise ParameterError(f"{cfg.where('models')}: missing parameter 'weight' for model "
+                                         f"'{entry.model}' (tensor '{name}')")
+                weights.append(float(params["weight"]))
+                methods.append(by_key.get(f"{entry.model}\x00{name}"))
+            # the chunking of the stats passes, where there were any (ranks and masks follow it)
+            plan = next((j.plan for j in methods if j is not None), None)
+            chunks = plan.chunks() if plan else [
+                c for c in TensorPlan(name, binfo, binfo, chunk_elements(binfo.shape, binfo.dtype.itemsize,
+                                                                          chunk_bytes)).chunks()]
+            for chunk in chunks:
+                model_parts = tuple(ModelPart(info, w, j.method if j else None, j.context(chunk, seed) if j else None)
+                                    for info, w, j in zip(parts, weights, methods))
+                tasks.append(MergeTask(name, binfo, chunk.start, chunk.stop, model_parts,
+                                       spec if binfo.dtype.is_float else None, cfg.method == "linear",
+                                       flags["normalize"], flags["lambda"], flags["official"], output.dtype,
+                                       path, offset))
+        run_tasks(merge_chunk, tasks, name="merge", options=options,
+                  total_bytes=sum((len(t.parts) + 1) * (t.stop - t.start) * t.base.dtype.itemsize for t in tasks),
+                  bytes_of=lambda t: (len(t.parts) + 1) * (t.stop - t.start) * t.base.dtype.itemsize)
+        shutil.rmtree(scratch_dir, ignore_errors=True)
+        _write_side_files(folder, reference, out_dtype)
+        with open(os.path.join(folder, "mergekit_config.yml"), "w", encoding="utf-8") as f:
+            f.write(cfg.text)
+        with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+            f.write(model_card(cfg, os.path.basename(os.path.abspath(out)), seed))
+    return os.path.abspath(out)
+
+
+def _write_side_files(folder: str, reference: Checkpoint, out_dtype: str | None) -> None:
+    names = {v: k for k, v in {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.items()}
+    for name, path in reference.side_files.items():
+        target = os.path.join(folder, name)
+        if name == "config.json" and out_dtype:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+            config["torch_dtype"] = names[out_dtype]
+            with open(target, "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2)
+        else:
+            shutil.copyfile(path, target)
+
+
+def model_card(cfg: MergeConfig, title: str, seed: int) -> str:
+    import yaml
+
+    front = yaml.safe_dump({"base_model": [cfg.base_ref] if cfg.base_ref else [], "tags": ["merge", "deltastream"],
+                            "library_name": "transformers"}, sort_keys=True)
+    models = "\n".join(f"* {m.model}" for m in cfg.models)
+    return (f"---\n{front}---\n# {title}\n\nThis is a merge of pre-trained language models created with "
+            f"deltastream {__version__}.\n\n## Merge Details\n### Merge Method\n\nThis model was merged using the "
+            f"{cfg.method} merge method" + (f" using {cfg.base_ref} as a base" if cfg.base_ref else "") +
+            f", with random seed {seed}.\n\n### Models Merged\n\n{models}\n\n### Configuration\n\n"
+            f"The following YAML configuration was used to produce this model:\n\n```yaml\n{cfg.text.rstrip()}\n```\n")
