@@ -41,19 +41,21 @@ def effective_chunk_bytes(chunk_size: int | str | None, memory: int | str | None
     return min(chunk, max(fit, 1 << 16))
 
 
-def compress(base: str, fine_tune: str, out: str, method: str | Method = "lossless", *,
+def compress(base: str, fine_tune: str | list[str], out: str, method: str | Method = "lossless", *,
              chunk_size: int | str | None = None, memory: int | str | None = None, seed: int = 0,
              include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), overwrite: bool = False,
              workers: int | None = None, scheduler: str | None = None, progress: bool | None = False,
              client: Any = None, **params: Any) -> str:
-    """Compress fine_tune's delta against base into the artifact ``out``.
+    """Compress fine_tune's delta against base into the artifact ``out``; given a list of
+    fine-tunes, write ``out/<name>.dsz`` for each in one pass over the base (returns the paths).
 
     ``method`` is a name (its parameters as keyword arguments, e.g. ``p=0.9``) or a Method;
     ``include``/``exclude`` are glob patterns of tensor names (see ``deltastream.policy``).
     """
     m = method if isinstance(method, Method) else get_method(method, **params)
     options = run_options(workers, scheduler, progress, client)
-    return compress_job.compress(base, fine_tune, out, m,
+    job = compress_job.compress if isinstance(fine_tune, str) else compress_job.compress_many
+    return job(base, fine_tune, out, m,
                                  chunk_bytes=effective_chunk_bytes(chunk_size, memory, options), seed=seed,
                                  policy=Policy(tuple(include), tuple(exclude)), overwrite=overwrite,
                                  options=options)

@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="store a fine-tune as a compressed delta against its base")
     p.add_argument("base", help="base checkpoint: folder, model.safetensors.index.json or .safetensors file")
-    p.add_argument("fine_tune", help="fine-tuned checkpoint, same forms as BASE")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.dsz", help="artifact to write")
+    p.add_argument("fine_tune", nargs="*", help="fine-tuned checkpoint(s), same forms as BASE; with several, "
+                   "OUT is a folder of one artifact each, made in one pass over the base")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.dsz", help="artifact (or folder) to write")
     _add_method_options(p, default="lossless")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     _add_run_options(p)
@@ -154,6 +155,7 @@ def _job_options(args: argparse.Namespace) -> dict:
         "workers": workers, "scheduler": args.scheduler, "progress": None if not args.quiet else False,
         **({"max_shard_size": args.max_shard_size or doc.get("max_shard_size") or "5GB"}
            if hasattr(args, "max_shard_size") else {}),
+        **({"fine_tunes": doc.get("fine_tunes")} if args.command == "compress" else {}),
     }
 
 
@@ -161,11 +163,18 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "compress":
         start = time.perf_counter()
         options = _job_options(args)
-        out = api.compress(args.base, args.fine_tune, args.output, options.pop("method"), overwrite=args.overwrite,
-                           **options)
-        summary = api.info(out)
-        print(f"wrote {out}: {format_size(summary['stored_bytes'])} for a {format_size(summary['fine_tune_bytes'])}"
-              f" fine-tune ({summary['ratio']:.2f}x) in {time.perf_counter() - start:.1f}s")
+        fine_tunes = list(args.fine_tune) or list(options.pop("fine_tunes", None) or [])
+        options.pop("fine_tunes", None)
+        if not fine_tunes:
+            raise ParameterError("no fine-tune to compress: give FT paths or 'fine_tunes:' in --config")
+        target = fine_tunes[0] if len(fine_tunes) == 1 else fine_tunes
+        outs = api.compress(args.base, target, args.output, options.pop("method"), overwrite=args.overwrite,
+                            **options)
+        for out in [outs] if isinstance(outs, str) else outs:
+            summary = api.info(out)
+            print(f"wrote {out}: {format_size(summary['stored_bytes'])} for a "
+                  f"{format_size(summary['fine_tune_bytes'])} fine-tune ({summary['ratio']:.2f}x)")
+        print(f"done in {time.perf_counter() - start:.1f}s")
     elif args.command == "edit":
         start = time.perf_counter()
         options = _job_options(args)

@@ -19,7 +19,8 @@ from .errors import ParameterError
 
 __all__ = ["JOB_KEYS", "load_job_config"]
 
-JOB_KEYS = ("method", "params", "seed", "include", "exclude", "chunk_size", "memory", "workers", "max_shard_size")
+JOB_KEYS = ("method", "params", "seed", "include", "exclude", "chunk_size", "memory", "workers", "max_shard_size",
+            "fine_tunes")
 
 
 def load_job_config(path: str) -> dict[str, Any]:
@@ -39,7 +40,7 @@ def load_job_config(path: str) -> dict[str, Any]:
         raise ParameterError(f"file '{path}': unknown key '{unknown[0]}' (valid: {', '.join(JOB_KEYS)})")
     if not isinstance(doc.get("params", {}), dict):
         raise ParameterError(f"file '{path}': 'params' must be a mapping of KEY: VALUE")
-    for key in ("include", "exclude"):
+    for key in ("include", "exclude", "fine_tunes"):
         if isinstance(doc.get(key), str):
             doc[key] = [doc[key]]
     return doc

@@ -221,3 +221,31 @@ def test_an_artifact_can_be_a_model(models):
                          str(models / "from-ckpt"))
     assert read_raw(from_art) == read_raw(from_ckpt)
     assert art
+
+
+def test_batch_compression_reads_the_base_once_for_all(models, monkeypatch):
+    import deltastream.jobs.compress as job
+
+    reads = []
+    original = job.read_pair_base
+    monkeypatch.setattr(job, "read_pair_base", lambda *a: reads.append(a[2]) or original(*a))
+    fts = [str(models / f"ft{i}") for i in range(3)]
+    outs = ds.compress(str(models / "base"), fts, str(models / "batch"), "dare", p=0.5)
+    assert [os.path.basename(o) for o in outs] == ["ft0.dsz", "ft1.dsz", "ft2.dsz"]
+    assert len(reads) == len(SPECS)  # one base read per chunk (one chunk per tensor here), not three
+    for ft, art in zip(fts, outs):
+        single = ds.compress(str(models / "base"), ft, str(models / "single.dsz"), "dare", p=0.5, overwrite=True)
+        assert read_raw(ds.apply(str(models / "base"), art, str(models / "a1"), overwrite=True)) == \
+            read_raw(ds.apply(str(models / "base"), single, str(models / "a2"), overwrite=True))
+
+
+def test_batch_compression_from_the_cli(models, capsys):
+    assert run_cli("compress", models / "base", models / "ft0", models / "ft1", "-o", models / "cli-batch",
+                   "--method", "bitdelta", "-q") == 0
+    assert sorted(os.listdir(models / "cli-batch")) == ["ft0.dsz", "ft1.dsz"]
+    (models / "batch.yaml").write_text(f"method: lossless\nfine_tunes: [{models / 'ft0'}, {models / 'ft2'}]\n")
+    assert run_cli("compress", models / "base", "-o", models / "cfg-batch", "--config", models / "batch.yaml",
+                   "-q") == 0
+    assert sorted(os.listdir(models / "cfg-batch")) == ["ft0.dsz", "ft2.dsz"]
+    assert read_raw(ds.apply(str(models / "base"), str(models / "cfg-batch" / "ft2.dsz"), str(models / "r2"))) == \
+        read_raw(str(models / "ft2"))

@@ -20,25 +20,40 @@ from ..artifact.store import create_arrays, tensor_key, write_chunk, write_root_
 from ..checkpoint import TensorInfo, open_checkpoint, read_bits
 from ..checksum import crc32c
 from ..engine import RunOptions, atomic_output, run_reduce
-from ..methods import Method, StoredArray
+from ..methods import METHODS, Method, StoredArray
 from ..methods.base import ChunkContext, combine_partials
 from ..plan import DEFAULT_CHUNK_BYTES, pair_tensors
 from ..policy import Policy
-from .tensors import TensorJob, batches, prepare_jobs, read_pair, run_stats_passes
+from .tensors import TensorJob, batches, prepare_jobs, read_pair_base, run_stats_passes
 
-__all__ = ["compress", "CompressTask", "compress_chunk", "head_crc32c"]
+__all__ = ["compress", "compress_many", "CompressTask", "compress_chunk", "head_crc32c"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One fine-tune's chunk to encode into its artifact."""
+
+    root: str
+    key: str
+    ft: TensorInfo
+    method: Method
+    ctx: ChunkContext
+    arrays: tuple[StoredArray, ...]
 
 
 @dataclass(frozen=True)
 class CompressTask:
-    root: str
-    key: str
-    ft: TensorInfo
+    """One chunk of one tensor: the base's range, read once, and every fine-tune encoded from it."""
+
+    tensor: str
     base: TensorInfo | None
     base_numel: int
-    method: Method
-    ctx: ChunkContext
-    arrays: tuple[StoredArray, ...]
+    targets: tuple[Target, ...]
+
+    @property
+    def nbytes(self) -> int:
+        c = self.targets[0].ctx
+        return c.size * c.dtype.itemsize * (1 + len(self.targets))
 
 
 def head_crc32c(info: TensorInfo, head_bytes: int) -> int:
@@ -48,70 +63,135 @@ def head_crc32c(info: TensorInfo, head_bytes: int) -> int:
 
 
 def compress_chunk(task: CompressTask) -> dict:
-    c = task.ctx
-    base, ft = read_pair(task.ft, task.base, task.base_numel, c.start, c.stop)
-    result = {"ft_crc_list": [crc32c(ft)], "base_crc_list": [crc32c(base[: max(0, task.base_numel - c.start)])]}
-    if c.index == 0 and task.base is not None:
-        result["head_crc_list"] = [head_crc32c(task.base, mf.HEAD_BYTES)]
-    encoded, result["post"] = task.method.encode_with_stats(base, ft, c)
-    del ft, base  # unmap the inputs before the (slower) compression and write
-    stored = any(a.any() for a in encoded.values())
-    if stored:
-        for spec in task.arrays:
-            write_chunk(task.root, task.key, spec, c.index, encoded[spec.role])
-    result["stored_list"] = [stored]
-    return result
+    c0 = task.targets[0].ctx
+    base = read_pair_base(task.base, task.base_numel, c0.start, c0.stop, c0.dtype)
+    shared = {"base_crc_list": [crc32c(base[: max(0, task.base_numel - c0.start)])]}
+    if c0.index == 0 and task.base is not None:
+        shared["head_crc_list"] = [head_crc32c(task.base, mf.HEAD_BYTES)]
+    results = {}
+    for i, t in enumerate(task.targets):
+        ft = read_bits(t.ft, t.ctx.start, t.ctx.stop)
+        result = {**shared, "ft_crc_list": [crc32c(ft)]}
+        encoded, result["post"] = t.method.encode_with_stats(base, ft, t.ctx)
+        del ft  # unmap the input before the (slower) compression and write
+        stored = any(a.any() for a in encoded.values())
+        if stored:
+            for spec in t.arrays:
+                write_chunk(t.root, t.key, spec, t.ctx.index, encoded[spec.role])
+        result["stored_list"] = [stored]
+        results[str(i)] = result
+    return results
+
+
+def _check_compact(method: Method) -> None:
+    if not method.compact:
+        raise method.fail("has no compact form to store; use 'deltastream edit' to write the edited checkpoint "
+                          "(compress takes: " + ", ".join(sorted(n for n, m in METHODS.items() if m.compact)) + ")")
 
 
 def compress(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
              seed: int = 0, policy: Policy = Policy(), overwrite: bool = False,
              options: RunOptions = RunOptions()) -> str:
     """Write the artifact of fine_tune's delta against base to ``out``; return its path."""
-    if not method.compact:
-        raise method.fail("has no compact form to store; use 'deltastream edit' to write the edited "
-                          "checkpoint (compress takes: lossless, dare, bitdelta, dare_bitdelta, lowrank)")
-    base_ckpt = open_checkpoint(base)
-    ft_ckpt = open_checkpoint(fine_tune)
+    _check_compact(method)
+    base_ckpt, ft_ckpt = open_checkpoint(base), open_checkpoint(fine_tune)
     jobs = prepare_jobs(pair_tensors(base_ckpt, ft_ckpt, chunk_bytes), method, policy, ft_ckpt)
     with atomic_output(out, overwrite=overwrite, inputs=[base_ckpt.path, ft_ckpt.path]) as root:
         write_root_attrs(root, {})
-        side_keys = write_side_files(root, ft_ckpt.side_files)
-        entries = []
-        for batch in batches(jobs):
-            entries += _compress_batch(root, batch, seed, options)
-        manifest = mf.new_manifest(method=method, seed=seed, chunk_bytes=chunk_bytes, tensors=entries,
-                                   side_files=side_keys, ft_metadata=ft_ckpt.metadata, policy=policy,
-                                   base_path=base_ckpt.path, ft_path=ft_ckpt.path)
-        write_root_attrs(root, {mf.ATTRS_KEY: manifest})
+        _compress_one(base_ckpt, root, ft_ckpt, jobs, method, policy, seed, chunk_bytes, options)
     return os.path.abspath(out)
 
 
-def _compress_batch(root: str, jobs: list[TensorJob], seed: int, options: RunOptions) -> list[mf.TensorEntry]:
-    """Stats passes, then the write pass, of a batch of tensors; their manifest entries."""
-    run_stats_passes(jobs, seed, options, post=False)
-    tasks = []
-    for job in jobs:
-        key = tensor_key(job.index)
-        arrays = tuple(job.method.stored_arrays(job.plan.ft.dtype, job.plan.ft.shape, job.plan.chunk_elems,
-                                                job.state))
-        create_arrays(root, key, list(arrays))
-        tasks += [CompressTask(root, key, job.plan.ft, job.plan.base, job.plan.base_numel, job.method,
-                               job.context(chunk, seed), arrays) for chunk in job.plan.chunks()]
-    results = run_reduce(
-        compress_chunk, tasks, group_of=lambda t: t.ctx.tensor, combine=combine_partials, name="compress",
-        options=options, total_bytes=sum(j.plan.ft.nbytes * 2 for j in jobs),
-        bytes_of=lambda t: t.ctx.size * t.ft.dtype.itemsize * 2,
-    )
+def _compress_one(base_ckpt, root, ft, jobs, method, policy, seed, chunk_bytes, options) -> None:
+    """Passes then writes, one state batch at a time (bounded memory for low rank), then the manifest."""
     entries = []
-    for job in jobs:
-        r = results[job.name]
-        if job.method.lossy:
-            job.state = job.method.finalize_post(r.get("post"), job.state)
-        stored_state = {k: v for k, v in job.state.items() if not k.startswith("_")}
-        state_arrays = write_state_arrays(root, tensor_key(job.index), stored_state)
-        entries.append(_entry(job, r, stored_state, state_arrays))
-        job.state = {}  # written: let the batch's memory go
-    return entries
+    for batch in batches(jobs):
+        run_stats_passes(batch, seed, options, post=False)
+        entries += _write_pass([(root, batch)], seed, options)[0]
+    _finish(root, base_ckpt, ft, entries, method, policy, seed, chunk_bytes)
+
+
+def compress_many(base: str, fine_tunes: list[str], out_dir: str, method: Method, *,
+                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, seed: int = 0, policy: Policy = Policy(),
+                  overwrite: bool = False, options: RunOptions = RunOptions()) -> list[str]:
+    """One artifact per fine-tune, ``out_dir/<name>.dsz``, in one graph that reads each base chunk
+    once for all of them (the cluster batch job); return their paths."""
+    _check_compact(method)
+    base_ckpt = open_checkpoint(base)
+    fts = [open_checkpoint(f) for f in fine_tunes]
+    names = _artifact_names(fts)
+    plans = [pair_tensors(base_ckpt, ft, chunk_bytes) for ft in fts]
+    with atomic_output(out_dir, overwrite=overwrite, inputs=[base_ckpt.path] + [f.path for f in fts]) as folder:
+        outputs = []
+        for name, ft, plan in zip(names, fts, plans):
+            root = os.path.join(folder, name)
+            os.makedirs(root)
+            write_root_attrs(root, {})
+            outputs.append((root, ft, prepare_jobs(plan, method, policy, ft)))
+        if any(j.method.lossy and j.method.pre_passes(j.plan.ft.shape) for _, _, jobs in outputs for j in jobs):
+            for root, ft, jobs in outputs:  # stats passes first: one fine-tune at a time
+                _compress_one(base_ckpt, root, ft, jobs, method, policy, seed, chunk_bytes, options)
+        else:  # one write pass for all: each base chunk read once
+            entries = _write_pass([(root, jobs) for root, _, jobs in outputs], seed, options)
+            for (root, ft, _), ft_entries in zip(outputs, entries):
+                _finish(root, base_ckpt, ft, ft_entries, method, policy, seed, chunk_bytes)
+    return [os.path.join(os.path.abspath(out_dir), n) for n in names]
+
+
+def _artifact_names(fts) -> list[str]:
+    names = []
+    for ft in fts:
+        stem = os.path.basename(ft.path.rstrip(os.sep))
+        stem = os.path.splitext(stem)[0] if stem.endswith((".json", ".safetensors")) else stem
+        name, n = f"{stem}.dsz", 2
+        while name in names:
+            name, n = f"{stem}-{n}.dsz", n + 1
+        names.append(name)
+    return names
+
+
+def _write_pass(outputs: list[tuple[str, list[TensorJob]]], seed: int, options: RunOptions) -> list[list]:
+    """The write pass of one or more artifacts, sharing each base chunk read; the manifest
+    entries of each output's tensors."""
+    tasks: dict[tuple[str, int, int], list[Target]] = {}
+    base_of: dict[str, tuple] = {}
+    for root, jobs in outputs:
+        for job in jobs:
+            key = tensor_key(job.index)
+            arrays = tuple(job.method.stored_arrays(job.plan.ft.dtype, job.plan.ft.shape, job.plan.chunk_elems,
+                                                    job.state))
+            create_arrays(root, key, list(arrays))
+            base_of[job.name] = (job.plan.base, job.plan.base_numel)
+            for chunk in job.plan.chunks():
+                tasks.setdefault((job.name, chunk.start, chunk.stop), []).append(
+                    Target(root, key, job.plan.ft, job.method, job.context(chunk, seed), arrays))
+    graph_tasks = [CompressTask(name, *base_of[name], tuple(targets)) for (name, _, _), targets in tasks.items()]
+    results = run_reduce(compress_chunk, graph_tasks, group_of=lambda t: t.tensor, combine=combine_partials,
+                         name="compress", options=options, total_bytes=sum(t.nbytes for t in graph_tasks),
+                         bytes_of=lambda t: t.nbytes)
+    all_entries = []
+    for i, (root, jobs) in enumerate(outputs):
+        entries = []
+        for job in jobs:
+            # a tensor's targets are the outputs that have it, in order
+            r = results[job.name][str(sum(1 for _, js in outputs[:i] if any(j.name == job.name for j in js)))]
+            if job.method.lossy:
+                job.state = job.method.finalize_post(r.get("post"), job.state)
+            stored_state = {k: v for k, v in job.state.items() if not k.startswith("_")}
+            state_arrays = write_state_arrays(root, tensor_key(job.index), stored_state)
+            entries.append(_entry(job, r, stored_state, state_arrays))
+            job.state = {}  # written: let its memory go
+        all_entries.append(entries)
+    return all_entries
+
+
+def _finish(root, base_ckpt, ft, entries, method, policy, seed, chunk_bytes) -> None:
+    """Side files, then the manifest: written last, it marks the artifact complete."""
+    side_keys = write_side_files(root, ft.side_files)
+    manifest = mf.new_manifest(method=method, seed=seed, chunk_bytes=chunk_bytes, tensors=entries,
+                               side_files=side_keys, ft_metadata=ft.metadata, policy=policy,
+                               base_path=base_ckpt.path, ft_path=ft.path)
+    write_root_attrs(root, {mf.ATTRS_KEY: manifest})
 
 
 def _entry(job: TensorJob, r: dict, state: dict, state_arrays: list[str]) -> mf.TensorEntry:
