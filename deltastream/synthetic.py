@@ -137,13 +137,17 @@ def _blocks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
 
 
 def _block(seed: int, ti: int, bi: int, shape: tuple[int, ...], nr: int,
-           lowrank_std: float, noise_std: float) -> tuple[np.ndarray, np.ndarray]:
-    """float32 (base, fine-tune) rows of block ``bi`` of tensor ``ti``: nr rows (a 1-D tensor: nr values)."""
+           lowrank_std: float, noise_std: float, variant: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (base, fine-tune) rows of block ``bi`` of tensor ``ti``: nr rows (a 1-D tensor: nr values).
+
+    ``variant`` > 0 gives another fine-tune of the same base (its delta from streams of its own).
+    """
     rng = np.random.default_rng([seed, ti, 1, bi])
     if len(shape) == 1:
         base = rng.standard_normal(nr, dtype=np.float32)
         base *= np.float32(0.02)
         base += np.float32(1.0)
+        rng = np.random.default_rng([seed, ti, 1, bi, variant]) if variant else rng
         ft = rng.standard_normal(nr, dtype=np.float32)
         ft *= np.float32(noise_std)
         ft += base
@@ -152,11 +156,13 @@ def _block(seed: int, ti: int, bi: int, shape: tuple[int, ...], nr: int,
     s_r = np.exp(rng.uniform(math.log(0.5), math.log(2.0), size=(nr, 1))).astype(np.float32)
     base = rng.standard_normal((nr, cols), dtype=np.float32)
     base *= np.float32(0.02) * s_r
+    rng = np.random.default_rng([seed, ti, 1, bi, variant]) if variant else rng
     ft = rng.standard_normal((nr, cols), dtype=np.float32)
     ft *= np.float32(noise_std) * s_r
     a = rng.standard_normal((nr, RANK), dtype=np.float32)
     # the low-rank factor is shared by the tensor's blocks: remade per block (cheap) from its own seed
-    b = np.random.default_rng([seed, ti, 0]).standard_normal((RANK, cols), dtype=np.float32)
+    b = np.random.default_rng([seed, ti, 0, variant] if variant else [seed, ti, 0]).standard_normal(
+        (RANK, cols), dtype=np.float32)
     b *= np.float32(lowrank_std / math.sqrt(RANK))
     ft += a @ b
     ft += base
@@ -170,9 +176,9 @@ def _resolve(shape: str | LlamaShape) -> tuple[str, LlamaShape]:
 
 
 def _marker_doc(name: str, shape: LlamaShape, seed: int, lowrank_std: float, noise_std: float,
-                max_shard: int) -> dict:
-    return {"size": name, "spec": asdict(shape),
-            "delta": {"seed": seed, "lowrank_std": lowrank_std, "noise_std": noise_std},
+                max_shard: int, variant: int = 0) -> dict:
+    delta = {"seed": seed, "lowrank_std": lowrank_std, "noise_std": noise_std, **({"variant": variant} if variant else {})}
+    return {"size": name, "spec": asdict(shape), "delta": delta,
             "max_shard_size": max_shard, "block_elems": BLOCK_ELEMS, "format": 1}
 
 
@@ -182,14 +188,14 @@ def _folder_files(folder: str) -> dict[str, int]:
 
 
 def pair_complete(folder: str, shape: str | LlamaShape, *, seed: int = 0, lowrank_std: float = 1.5e-4,
-                  noise_std: float = 2.5e-4, max_shard_size: str | int = "1GB") -> bool:
+                  noise_std: float = 2.5e-4, max_shard_size: str | int = "1GB", variant: int = 0) -> bool:
     """True if ``folder`` holds a complete pair made with exactly these parameters."""
     try:
         with open(os.path.join(folder, MARKER), encoding="utf-8") as f:
             marker = json.load(f)
     except (OSError, ValueError):
         return False
-    want = _marker_doc(*_resolve(shape), seed, lowrank_std, noise_std, parse_size(max_shard_size))
+    want = _marker_doc(*_resolve(shape), seed, lowrank_std, noise_std, parse_size(max_shard_size), variant)
     if {k: marker.get(k) for k in want} != json.loads(json.dumps(want)):
         return False
     return all(os.path.isdir(os.path.join(folder, sub))
@@ -212,16 +218,17 @@ def _clear(folder: str, force: bool) -> None:
 
 def write_pair(folder: str, shape: str | LlamaShape, *, seed: int = 0, lowrank_std: float = 1.5e-4,
                noise_std: float = 2.5e-4, max_shard_size: str | int = "1GB", workers: int | None = None,
-               force: bool = False, verbose: bool = False) -> tuple[str, str]:
+               force: bool = False, verbose: bool = False, variant: int = 0) -> tuple[str, str]:
     """Write ``folder/base`` and ``folder/ft`` (kept if already complete, unless ``force``); return their paths.
 
     ``shape`` is a LlamaShape or a key of SHAPES; ``workers`` threads (default: the CPU count).
+    ``variant`` > 0 makes another fine-tune of the same base (the base files are identical).
     """
     name, spec = _resolve(shape)
     paths = os.path.join(folder, "base"), os.path.join(folder, "ft")
     max_shard = parse_size(max_shard_size, "max shard size")
     if not force and pair_complete(folder, spec, seed=seed, lowrank_std=lowrank_std, noise_std=noise_std,
-                                   max_shard_size=max_shard):
+                                   max_shard_size=max_shard, variant=variant):
         if verbose:
             print(f"{folder}: complete {name} pair already there (use --force to regenerate)")
         return paths
@@ -247,7 +254,7 @@ def write_pair(folder: str, shape: str | LlamaShape, *, seed: int = 0, lowrank_s
 
     def run(job: tuple) -> tuple[int, int]:
         ti, tname, tshape, bi, r0, r1 = job
-        bits = [bf16_bits(x) for x in _block(seed, ti, bi, tshape, r1 - r0, lowrank_std, noise_std)]
+        bits = [bf16_bits(x) for x in _block(seed, ti, bi, tshape, r1 - r0, lowrank_std, noise_std, variant)]
         row_bytes = 2 * (tshape[1] if len(tshape) == 2 else 1)
         for writer, b in zip(writers, bits):
             path, offset = writer.location(tname)
@@ -274,7 +281,7 @@ def write_pair(folder: str, shape: str | LlamaShape, *, seed: int = 0, lowrank_s
                     os.close(fd)
 
     elapsed = time.perf_counter() - start
-    doc = _marker_doc(name, spec, seed, lowrank_std, noise_std, max_shard)
+    doc = _marker_doc(name, spec, seed, lowrank_std, noise_std, max_shard, variant)
     doc.update(files={role: _folder_files(p) for role, p in zip(("base", "ft"), paths)}, params=spec.n_params,
                equal_fraction=equal / max(done // 4, 1), seconds=round(elapsed, 2))
     with open(marker_path + ".tmp", "w", encoding="utf-8") as f:
