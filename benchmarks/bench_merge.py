@@ -35,7 +35,7 @@ def config(path: str, method: str, base: str, fts: list[str]) -> str:
     models = "".join(f"  - model: {ft}\n    parameters: {{weight: 0.5{METHODS[method]}}}\n" for ft in fts)
     with open(path, "w") as f:
         f.write(f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}"
-                "dtype: float32\nout_dtype: bfloat16\ntokenizer_source: base\n")
+                "dtype: float32\nout_dtype: bfloat16\n")  # no tokenizer: the synthetic models have none
     return path
 
 

@@ -104,6 +104,7 @@ def merge(config: str, out: str, *, seed: int = 0, strict: bool = False, chunk_s
     from .merging.job import merge as merge_job
 
     options = run_options(workers, scheduler, progress, client)
-    return merge_job(config, out, chunk_bytes=effective_chunk_bytes(chunk_size, memory, options), seed=seed,
+    return merge_job(config, out, chunk_bytes=parse_size(chunk_size, "chunk size") if chunk_size else DEFAULT_CHUNK_BYTES,
+                     memory=parse_size(memory, "memory budget") if memory else DEFAULT_MEMORY_BYTES, seed=seed,
                      strict=strict, max_shard_size=parse_size(max_shard_size, "max shard size"),
                      overwrite=overwrite, options=options)

@@ -68,7 +68,7 @@ def to_float32(bits: np.ndarray, dtype: DType, out: np.ndarray | None = None) ->
     if dtype.name == "BF16":
         if out is None:
             out = np.empty(bits.shape, np.float32)
-        out.view(np.uint32)[...] = bits.astype(np.uint32) << 16
+        np.left_shift(bits, 16, out=out.view(np.uint32), casting="unsafe", dtype=np.uint32)
         return out
     if dtype.numpy is None or not dtype.is_float:
         raise TypeError(f"dtype {dtype.name} has no float32 view")

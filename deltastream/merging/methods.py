@@ -141,31 +141,32 @@ def sparsifier(kind: str | None, params: dict, rescale: bool) -> LossyMethod | N
 
 def combine(base: np.ndarray, deltas: list[np.ndarray], weights: list[float], spec: MergeSpec, *,
             normalize: bool, lam: float, official: bool) -> np.ndarray:
-    """base + lambda * merged delta (float32), from the sparsified deltas of one chunk."""
+    """base + lambda * merged delta (float32), from the sparsified deltas of one chunk slice."""
     w = [np.float32(x) for x in weights]
+    mixed = np.zeros_like(base)
     if spec.consensus:
-        if official:
-            majority = sum(deltas) >= 0
-            agree = [np.where(majority, d > 0, d < 0) for d in deltas]
-            mixed = sum(np.where(a, d, 0) for a, d in zip(agree, deltas))
-            count = sum(a.astype(np.float32) for a in agree)
-            mixed = mixed / np.maximum(count, 1)
-        else:
-            weighted = [wi * d for wi, d in zip(w, deltas)]
-            majority = sum(weighted) >= 0
-            agree = [np.where(majority, x > 0, x < 0) for x in weighted]
-            mixed = sum(np.where(a, x, 0) for a, x in zip(agree, weighted))
-            if normalize:
-                divisor = sum(np.where(a, wi, np.float32(0)) for a, wi in zip(agree, w))
-                divisor[divisor == 0] = 1
-                mixed = mixed / divisor
+        terms = deltas if official else [wi * d for wi, d in zip(w, deltas)]
+        elect = terms[0].copy()
+        for x in terms[1:]:
+            elect += x
+        positive = elect >= 0  # the elected sign; a sum of 0 elects +
+        divisor = np.zeros_like(base)
+        for x, wi in zip(terms, w):
+            agree = np.where(positive, x > 0, x < 0)  # a zero never agrees
+            np.add(mixed, x, out=mixed, where=agree)
+            np.add(divisor, np.float32(1) if official else wi, out=divisor, where=agree)
+        if official or normalize:
+            divisor[divisor == 0] = 1
+            mixed /= divisor
     else:
-        mixed = sum(wi * d for wi, d in zip(w, deltas))
+        for wi, d in zip(w, deltas):
+            mixed += wi * d
         if normalize:
             divisor = sum(w)
-            mixed = mixed / (divisor if abs(divisor) >= 1e-8 else np.float32(1))
-    mixed = np.asarray(mixed, np.float32) * np.float32(lam)
-    return base + mixed
+            mixed /= divisor if abs(divisor) >= 1e-8 else np.float32(1)
+    mixed *= np.float32(lam)
+    mixed += base
+    return mixed
 
 
 def linear(models: list[np.ndarray], weights: list[float], normalize: bool) -> np.ndarray:
