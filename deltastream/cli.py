@@ -30,7 +30,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=None, metavar="N",
                    help="worker threads (default: the number of CPU cores)")
     g.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                   help="run on a dask.distributed scheduler (e.g. tcp://host:8786) instead of local threads")
+                   help="run on a dask.distributed scheduler (e.g. tcp://host:8786) instead of local threads; "
+                        "local:N starts a LocalCluster of N worker processes for the run")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 

@@ -39,10 +39,6 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-    @property
-    def files(self) -> list[str]:
-        return sorted({t.path for t in self.tensors.values()})
-
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Open a checkpoint (file, folder or index) by reading its headers only."""

@@ -123,7 +123,17 @@ class _ProgressCallback(Callback):
 def _run_distributed(graph, keys, sizes, progress, options: RunOptions) -> list[dict]:
     from distributed import Client, as_completed
 
-    client = options.client or Client(options.scheduler, set_as_default=False)
+    cluster = None
+    if options.client is not None:
+        client = options.client
+    elif options.scheduler.startswith("local:"):  # a LocalCluster of N worker processes, for this run
+        from distributed import LocalCluster
+
+        n = int(options.scheduler.split(":", 1)[1])
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster, set_as_default=False)
+    else:
+        client = Client(options.scheduler, set_as_default=False)
     try:
         futures = client.get(graph, keys, sync=False)
         by_key = {f.key: f for f in futures}
@@ -138,3 +148,5 @@ def _run_distributed(graph, keys, sizes, progress, options: RunOptions) -> list[
     finally:
         if options.client is None:
             client.close()
+        if cluster is not None:
+            cluster.close()
