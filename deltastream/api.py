@@ -44,8 +44,8 @@ def effective_chunk_bytes(chunk_size: int | str | None, memory: int | str | None
 def compress(base: str, fine_tune: str | list[str], out: str, method: str | Method = "lossless", *,
              chunk_size: int | str | None = None, memory: int | str | None = None, seed: int = 0,
              include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), overwrite: bool = False,
-             workers: int | None = None, scheduler: str | None = None, progress: bool | None = False,
-             client: Any = None, **params: Any) -> str:
+             resume: bool = False, workers: int | None = None, scheduler: str | None = None,
+             progress: bool | None = False, client: Any = None, **params: Any) -> str:
     """Compress fine_tune's delta against base into the artifact ``out``; given a list of
     fine-tunes, write ``out/<name>.dsz`` for each in one pass over the base (returns the paths).
 
@@ -58,30 +58,30 @@ def compress(base: str, fine_tune: str | list[str], out: str, method: str | Meth
     return job(base, fine_tune, out, m,
                                  chunk_bytes=effective_chunk_bytes(chunk_size, memory, options), seed=seed,
                                  policy=Policy(tuple(include), tuple(exclude)), overwrite=overwrite,
-                                 options=options)
+                                 resume=resume, options=options)
 
 
 def edit(base: str, fine_tune: str, out: str, method: str | Method, *, chunk_size: int | str | None = None,
          memory: int | str | None = None, seed: int = 0, include: tuple[str, ...] = (),
          exclude: tuple[str, ...] = (), max_shard_size: int | str = "5GB", overwrite: bool = False,
-         workers: int | None = None, scheduler: str | None = None, progress: bool | None = False,
-         client: Any = None, **params: Any) -> str:
+         resume: bool = False, workers: int | None = None, scheduler: str | None = None,
+         progress: bool | None = False, client: Any = None, **params: Any) -> str:
     """Write base + method(delta) as the checkpoint folder ``out`` (same keywords as compress)."""
     m = method if isinstance(method, Method) else get_method(method, **params)
     options = run_options(workers, scheduler, progress, client)
     path, _ = edit_job.edit(base, fine_tune, out, m, chunk_bytes=effective_chunk_bytes(chunk_size, memory, options),
                             seed=seed, policy=Policy(tuple(include), tuple(exclude)),
                             max_shard_size=parse_size(max_shard_size, "max shard size"), overwrite=overwrite,
-                            options=options)
+                            resume=resume, options=options)
     return path
 
 
 def apply(base: str, artifact: str, out: str, *, max_shard_size: int | str = "5GB", overwrite: bool = False,
-          workers: int | None = None, scheduler: str | None = None, progress: bool | None = False,
-          client: Any = None) -> str:
+          resume: bool = False, workers: int | None = None, scheduler: str | None = None,
+          progress: bool | None = False, client: Any = None) -> str:
     """Rebuild the (edited) fine-tune from base + artifact into the checkpoint folder ``out``."""
     return apply_job.apply(base, artifact, out, max_shard_size=parse_size(max_shard_size, "max shard size"),
-                      overwrite=overwrite, options=run_options(workers, scheduler, progress, client))
+                           overwrite=overwrite, resume=resume, options=run_options(workers, scheduler, progress, client))
 
 
 def verify(artifact: str, base: str | None = None, *, workers: int | None = None, scheduler: str | None = None,
@@ -98,8 +98,8 @@ def info(artifact: str) -> dict[str, Any]:
 
 def merge(config: str, out: str, *, seed: int = 0, strict: bool = False, chunk_size: int | str | None = None,
           memory: int | str | None = None, max_shard_size: int | str = "5GB", overwrite: bool = False,
-          workers: int | None = None, scheduler: str | None = None, progress: bool | None = False,
-          client: Any = None) -> str:
+          resume: bool = False, workers: int | None = None, scheduler: str | None = None,
+          progress: bool | None = False, client: Any = None) -> str:
     """Merge the models of a mergekit-style YAML config into the checkpoint folder ``out``."""
     from .merging.job import merge as merge_job
 
@@ -107,4 +107,4 @@ def merge(config: str, out: str, *, seed: int = 0, strict: bool = False, chunk_s
     return merge_job(config, out, chunk_bytes=parse_size(chunk_size, "chunk size") if chunk_size else DEFAULT_CHUNK_BYTES,
                      memory=parse_size(memory, "memory budget") if memory else DEFAULT_MEMORY_BYTES, seed=seed,
                      strict=strict, max_shard_size=parse_size(max_shard_size, "max shard size"),
-                     overwrite=overwrite, options=options)
+                     overwrite=overwrite, resume=resume, options=options)

@@ -25,7 +25,7 @@ from .units import format_size
 __all__ = ["main", "build_parser"]
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
+def _add_run_options(p: argparse.ArgumentParser, resume: bool = True) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, default=None, metavar="N",
                    help="worker threads (default: the number of CPU cores)")
@@ -33,6 +33,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="run on a dask.distributed scheduler (e.g. tcp://host:8786) instead of local threads; "
                         "local:N starts a LocalCluster of N worker processes for the run")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    if resume:
+        g.add_argument("--resume", action="store_true",
+                       help="continue a killed run of the same job from its finished chunks (OUT.partial); "
+                            "an interrupted --resume run keeps its partial output for the next")
 
 
 def _add_method_options(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -113,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("base", nargs="?", default=None,
                    help="also check this is the right base and that the rebuild is exact")
-    _add_run_options(p)
+    _add_run_options(p, resume=False)
 
     p = sub.add_parser("demo", help="make a small model pair, compress and rebuild it, print a table")
     p.add_argument("--workdir", default=None, help="keep the demo's files here (default: a temp folder)")
@@ -170,7 +174,7 @@ def _command(args: argparse.Namespace) -> int:
             raise ParameterError("no fine-tune to compress: give FT paths or 'fine_tunes:' in --config")
         target = fine_tunes[0] if len(fine_tunes) == 1 else fine_tunes
         outs = api.compress(args.base, target, args.output, options.pop("method"), overwrite=args.overwrite,
-                            **options)
+                            resume=args.resume, **options)
         for out in [outs] if isinstance(outs, str) else outs:
             summary = api.info(out)
             print(f"wrote {out}: {format_size(summary['stored_bytes'])} for a "
@@ -180,13 +184,14 @@ def _command(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         options = _job_options(args)
         method = options.pop("method")
-        out = api.edit(args.base, args.fine_tune, args.output, method, overwrite=args.overwrite, **options)
+        out = api.edit(args.base, args.fine_tune, args.output, method, overwrite=args.overwrite,
+                       resume=args.resume, **options)
         print(f"wrote {out} ({method.method_id}) in {time.perf_counter() - start:.1f}s")
     elif args.command == "merge":
         start = time.perf_counter()
         out = api.merge(args.config, args.output, seed=args.seed, strict=args.strict, chunk_size=args.chunk_size,
                         memory=args.memory, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                        **_run_kwargs(args))
+                        resume=args.resume, **_run_kwargs(args))
         print(f"wrote {out} in {time.perf_counter() - start:.1f}s")
     elif args.command == "methods":
         described = [cls.describe() for _, cls in sorted(METHODS.items())]
@@ -194,7 +199,7 @@ def _command(args: argparse.Namespace) -> int:
     elif args.command == "apply":
         start = time.perf_counter()
         out = api.apply(args.base, args.artifact, args.output, max_shard_size=args.max_shard_size,
-                        overwrite=args.overwrite, **_run_kwargs(args))
+                        overwrite=args.overwrite, resume=args.resume, **_run_kwargs(args))
         print(f"wrote {out} in {time.perf_counter() - start:.1f}s")
     elif args.command == "info":
         summary = api.info(args.artifact)

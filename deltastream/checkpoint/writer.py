@@ -93,13 +93,19 @@ class CheckpointWriter:
     def total_size(self) -> int:
         return sum(t.nbytes for shard in self.shards for t in shard)
 
-    def create(self) -> None:
-        """Check the disk has room, write every shard's header and size it, write the index."""
+    def create(self, keep_existing: bool = False) -> None:
+        """Check the disk has room, write every shard's header and size it, write the index.
+
+        ``keep_existing`` (a resumed job): a shard already there with this header and size keeps
+        the data the earlier run wrote.
+        """
         n = len(self.shards)
         _check_free_space(self.folder, sum(len(h) for h in self._headers) + self.total_size)
         for i, (shard, header) in enumerate(zip(self.shards, self._headers)):
             path = os.path.join(self.folder, shard_name(i, n))
             size = len(header) + sum(t.nbytes for t in shard)
+            if keep_existing and _has_header(path, header, size):
+                continue
             try:
                 with open(path, "wb") as f:
                     f.write(header)
@@ -115,6 +121,14 @@ class CheckpointWriter:
             with open(os.path.join(self.folder, INDEX_NAME), "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2, ensure_ascii=False)
                 f.write("\n")
+
+
+def _has_header(path: str, header: bytes, size: int) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return os.fstat(f.fileno()).st_size == size and f.read(len(header)) == header
+    except OSError:
+        return False
 
 
 def _check_free_space(folder: str, needed: int) -> None:

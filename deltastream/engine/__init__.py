@@ -1,8 +1,9 @@
 """Running plans: the Dask graph, atomic outputs and interrupts, progress."""
 
-from .atomic import atomic_output, handle_signals, partial_path
+from .atomic import atomic_output, handle_signals, job_output, partial_path
 from .graph import RunOptions, default_workers, run_reduce, run_tasks
+from .journal import Journal, inputs_fingerprint
 from .progress import Progress
 
-__all__ = ["Progress", "RunOptions", "atomic_output", "default_workers", "handle_signals",
+__all__ = ["Journal", "Progress", "RunOptions", "inputs_fingerprint", "atomic_output", "default_workers", "job_output", "handle_signals",
            "partial_path", "run_reduce", "run_tasks"]

@@ -16,8 +16,9 @@ import threading
 from collections.abc import Iterable, Iterator
 
 from ..errors import Interrupted, OutputExistsError, ParameterError
+from .journal import NAME as JOURNAL
 
-__all__ = ["atomic_output", "partial_path", "handle_signals"]
+__all__ = ["atomic_output", "job_output", "partial_path", "handle_signals"]
 
 
 def partial_path(path: str) -> str:
@@ -34,18 +35,25 @@ def _check_not_input(out: str, inputs: Iterable[str]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str, *, overwrite: bool = False, inputs: Iterable[str] = ()) -> Iterator[str]:
-    """Yield a fresh partial folder; on success rename it to ``path``, else remove it."""
+def atomic_output(path: str, *, overwrite: bool = False, inputs: Iterable[str] = (),
+                  resume: bool = False) -> Iterator[str]:
+    """Yield the partial folder; on success rename it to ``path``, else remove it.
+
+    With ``resume``, a partial folder left by a killed run is kept (the job's journal says what
+    is done) and so is this run's, if it is interrupted too; without, any is discarded.
+    """
     path = os.path.abspath(path).rstrip(os.sep)
     _check_not_input(path, inputs)
     if os.path.lexists(path) and not overwrite:
         raise OutputExistsError(f"output '{path}' exists; pass --overwrite to replace it")
     tmp = partial_path(path)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    if not resume:
+        shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp, exist_ok=True)
     try:
         with handle_signals():
             yield tmp
+        shutil.rmtree(os.path.join(tmp, JOURNAL), ignore_errors=True)
         if os.path.lexists(path):
             old = path + ".old"
             shutil.rmtree(old, ignore_errors=True)
@@ -55,7 +63,8 @@ def atomic_output(path: str, *, overwrite: bool = False, inputs: Iterable[str] =
         else:
             os.rename(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not resume:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -82,3 +91,17 @@ def handle_signals() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def job_output(path: str, *, overwrite: bool, inputs: list[str], resume: bool, plan: dict,
+               options) -> Iterator[tuple[str, object]]:
+    """atomic_output plus the job's journal: yields (partial folder, run options that journal
+    every finished task there), so that a killed run can be resumed with ``resume``."""
+    from dataclasses import replace
+
+    from .journal import Journal, inputs_fingerprint
+
+    with atomic_output(path, overwrite=overwrite, inputs=inputs, resume=resume) as folder:
+        journal = Journal(folder, {"job": plan, "inputs": inputs_fingerprint(inputs)}, resume)
+        yield folder, replace(options, journal=journal)

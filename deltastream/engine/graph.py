@@ -20,6 +20,7 @@ import dask.threaded
 from dask.task_spec import DataNode, Task, TaskRef
 from dask.callbacks import Callback
 
+from .journal import Journal, journaled
 from .progress import Progress
 
 __all__ = ["RunOptions", "run_tasks", "run_reduce", "default_workers"]
@@ -37,6 +38,7 @@ class RunOptions:
     scheduler: str | None = None  # None/"threads"/"sync", or a dask.distributed address
     progress: bool | None = None  # None: on when stderr is a terminal
     client: Any = None  # an existing distributed.Client, for the Python API
+    journal: Any = None  # the job's Journal (set by the jobs inside their partial output)
 
     @property
     def n_workers(self) -> int:
@@ -50,7 +52,7 @@ def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, name: str, opti
     ``bytes_of(task)`` is the input size credited to the progress bar when the task finishes.
     """
     keys = [f"{name}-{i}" for i in range(len(tasks))]
-    graph = _task_graph(fn, tasks, keys)
+    graph = _task_graph(fn, tasks, keys, options)
     return _run(graph, keys, dict(zip(keys, (bytes_of(t) for t in tasks))), name, total_bytes, options)
 
 
@@ -61,7 +63,7 @@ def run_reduce(fn: Callable[[Any], Any], tasks: Sequence[Any], *, group_of: Call
     ``combine``; return {group: folded}. The folds form a tree in the graph, so partial results
     are freed as they are folded instead of all waiting for the end."""
     keys = [f"{name}-{i}" for i in range(len(tasks))]
-    graph = _task_graph(fn, tasks, keys)
+    graph = _task_graph(fn, tasks, keys, options)
     groups: dict[str, list[str]] = {}
     for key, task in zip(keys, tasks):
         groups.setdefault(group_of(task), []).append(key)
@@ -87,10 +89,18 @@ def _fold(combine, *parts):
     return out
 
 
-def _task_graph(fn, tasks, keys) -> dict:
+def _task_graph(fn, tasks, keys, options: RunOptions) -> dict:
     # A plain graph of (function, task) nodes: the task is opaque data to dask, which neither
     # traverses nor hashes it (dask.delayed walked every dataclass field of every task).
-    return {key: Task(key, fn, DataNode(None, task)) for key, task in zip(keys, tasks)}
+    if options.journal is None:
+        return {key: Task(key, fn, DataNode(None, task)) for key, task in zip(keys, tasks)}
+    folder = options.journal.pass_folder(keys[0].rsplit("-", 1)[0] if keys else "empty")
+    graph = {}
+    for i, (key, task) in enumerate(zip(keys, tasks)):
+        done, result = Journal.load(folder, i)
+        graph[key] = DataNode(key, result) if done else \
+            Task(key, journaled, DataNode(None, fn), DataNode(None, Journal.record(folder, i)), DataNode(None, task))
+    return graph
 
 
 def _run(graph, keys, sizes, name, total_bytes, options: RunOptions) -> list[Any]:

@@ -19,7 +19,7 @@ from ..artifact.store import chunk_file, read_chunk, read_side_file
 from ..checkpoint import Checkpoint, CheckpointWriter, OutputTensor, TensorInfo, open_checkpoint, read_bits
 from ..checkpoint.writer import write_at
 from ..checksum import crc32c
-from ..engine import RunOptions, atomic_output, run_tasks
+from ..engine import RunOptions, job_output, run_tasks
 from ..errors import CorruptChunkError, WrongBaseError, tensor_context
 from ..methods import Method, StoredArray
 from ..methods.base import ChunkContext
@@ -134,15 +134,17 @@ def _run(fn, tasks: list[RebuildTask], name: str, options: RunOptions, entries: 
 
 
 def apply(base: str, artifact: str, out: str, *, max_shard_size: int = DEFAULT_MAX_SHARD,
-          overwrite: bool = False, options: RunOptions = RunOptions()) -> str:
+          overwrite: bool = False, resume: bool = False, options: RunOptions = RunOptions()) -> str:
     """Rebuild the fine-tune into the checkpoint folder ``out``; return its path."""
     manifest = load_manifest(os.path.abspath(artifact))
     base_ckpt = open_checkpoint(base)
     check_base(manifest, base_ckpt)
     outputs = [OutputTensor(e.name, e.dtype.name, e.shape) for e in manifest.tensors]
-    with atomic_output(out, overwrite=overwrite, inputs=[base_ckpt.path, manifest.path]) as folder:
+    plan = {"apply": manifest.doc["created"], "shard": max_shard_size}
+    with job_output(out, overwrite=overwrite, inputs=[base_ckpt.path, manifest.path], resume=resume, plan=plan,
+                    options=options) as (folder, options):
         writer = CheckpointWriter(folder, outputs, max_shard_size, manifest.doc.get("fine_tune_metadata"))
-        writer.create()
+        writer.create(keep_existing=resume)
         for name, key in manifest.side_files.items():
             with open(os.path.join(folder, name), "wb") as f:
                 f.write(read_side_file(manifest.path, key, name))  # names checked on load

@@ -19,7 +19,7 @@ from ..artifact.store import create_arrays, tensor_key, write_chunk, write_root_
     write_state_arrays
 from ..checkpoint import TensorInfo, open_checkpoint, read_bits
 from ..checksum import crc32c
-from ..engine import RunOptions, atomic_output, run_reduce
+from ..engine import RunOptions, job_output, run_reduce
 from ..methods import METHODS, Method, StoredArray
 from ..methods.base import ChunkContext, combine_partials
 from ..plan import DEFAULT_CHUNK_BYTES, pair_tensors
@@ -90,13 +90,16 @@ def _check_compact(method: Method) -> None:
 
 
 def compress(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-             seed: int = 0, policy: Policy = Policy(), overwrite: bool = False,
+             seed: int = 0, policy: Policy = Policy(), overwrite: bool = False, resume: bool = False,
              options: RunOptions = RunOptions()) -> str:
-    """Write the artifact of fine_tune's delta against base to ``out``; return its path."""
+    """Write the artifact of fine_tune's delta against base to ``out``; return its path.
+    ``resume`` continues a killed run of the same job from its finished chunks."""
     _check_compact(method)
     base_ckpt, ft_ckpt = open_checkpoint(base), open_checkpoint(fine_tune)
     jobs = prepare_jobs(pair_tensors(base_ckpt, ft_ckpt, chunk_bytes), method, policy, ft_ckpt)
-    with atomic_output(out, overwrite=overwrite, inputs=[base_ckpt.path, ft_ckpt.path]) as root:
+    plan = {"compress": method.get_config(), "seed": seed, "chunk": chunk_bytes, "policy": repr(policy)}
+    with job_output(out, overwrite=overwrite, inputs=[base_ckpt.path, ft_ckpt.path], resume=resume, plan=plan,
+                    options=options) as (root, options):
         write_root_attrs(root, {})
         _compress_one(base_ckpt, root, ft_ckpt, jobs, method, policy, seed, chunk_bytes, options)
     return os.path.abspath(out)
@@ -113,7 +116,7 @@ def _compress_one(base_ckpt, root, ft, jobs, method, policy, seed, chunk_bytes, 
 
 def compress_many(base: str, fine_tunes: list[str], out_dir: str, method: Method, *,
                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, seed: int = 0, policy: Policy = Policy(),
-                  overwrite: bool = False, options: RunOptions = RunOptions()) -> list[str]:
+                  overwrite: bool = False, resume: bool = False, options: RunOptions = RunOptions()) -> list[str]:
     """One artifact per fine-tune, ``out_dir/<name>.dsz``, in one graph that reads each base chunk
     once for all of them (the cluster batch job); return their paths."""
     _check_compact(method)
@@ -121,11 +124,13 @@ def compress_many(base: str, fine_tunes: list[str], out_dir: str, method: Method
     fts = [open_checkpoint(f) for f in fine_tunes]
     names = _artifact_names(fts)
     plans = [pair_tensors(base_ckpt, ft, chunk_bytes) for ft in fts]
-    with atomic_output(out_dir, overwrite=overwrite, inputs=[base_ckpt.path] + [f.path for f in fts]) as folder:
+    job = {"compress": method.get_config(), "seed": seed, "chunk": chunk_bytes, "policy": repr(policy)}
+    with job_output(out_dir, overwrite=overwrite, inputs=[base_ckpt.path] + [f.path for f in fts], resume=resume,
+                    plan=job, options=options) as (folder, options):
         outputs = []
         for name, ft, plan in zip(names, fts, plans):
             root = os.path.join(folder, name)
-            os.makedirs(root)
+            os.makedirs(root, exist_ok=True)
             write_root_attrs(root, {})
             outputs.append((root, ft, prepare_jobs(plan, method, policy, ft)))
         if any(j.method.lossy and j.method.pre_passes(j.plan.ft.shape) for _, _, jobs in outputs for j in jobs):

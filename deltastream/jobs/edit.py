@@ -18,7 +18,7 @@ import numpy as np
 
 from ..checkpoint import CheckpointWriter, OutputTensor, TensorInfo, open_checkpoint
 from ..checkpoint.writer import write_at
-from ..engine import RunOptions, atomic_output, run_tasks
+from ..engine import RunOptions, job_output, run_tasks
 from ..methods import Method
 from ..methods.base import ChunkContext
 from ..plan import DEFAULT_CHUNK_BYTES, pair_tensors
@@ -48,7 +48,7 @@ def edit_chunk(task: EditTask) -> None:
 
 def edit(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
          seed: int = 0, policy: Policy = Policy(), max_shard_size: int = 5 * 10**9, overwrite: bool = False,
-         options: RunOptions = RunOptions(), keep_state: bool = False) -> tuple[str, list]:
+         options: RunOptions = RunOptions(), keep_state: bool = False, resume: bool = False) -> tuple[str, list]:
     """Write base + method(delta) as a checkpoint folder ``out``; return its path and the jobs
     (their policies and states, for reporting; array states are dropped after each batch unless
     ``keep_state``)."""
@@ -57,9 +57,12 @@ def edit(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes: in
     jobs = prepare_jobs(pair_tensors(base_ckpt, ft_ckpt, chunk_bytes), method, policy, ft_ckpt)
     outputs = [OutputTensor(j.name, j.plan.ft.dtype.name, j.plan.ft.shape) for j in jobs]
     metadata = {**ft_ckpt.metadata, "deltastream_method": method.method_id, "deltastream_seed": str(seed)}
-    with atomic_output(out, overwrite=overwrite, inputs=[base_ckpt.path, ft_ckpt.path]) as folder:
+    plan = {"edit": method.get_config(), "seed": seed, "chunk": chunk_bytes, "policy": repr(policy),
+            "shard": max_shard_size}
+    with job_output(out, overwrite=overwrite, inputs=[base_ckpt.path, ft_ckpt.path], resume=resume, plan=plan,
+                    options=options) as (folder, options):
         writer = CheckpointWriter(folder, outputs, max_shard_size, metadata)
-        writer.create()
+        writer.create(keep_existing=resume)
         for name, path in ft_ckpt.side_files.items():
             shutil.copyfile(path, os.path.join(folder, name))
         for batch in batches(jobs):  # passes then writes, a batch of tensors' state at a time

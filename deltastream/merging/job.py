@@ -26,7 +26,7 @@ from .._version import __version__
 from ..checkpoint import Checkpoint, CheckpointWriter, OutputTensor, TensorInfo, open_checkpoint, read_bits
 from ..checkpoint.writer import write_at
 from ..dtypes import DTYPES, from_float32, to_float32
-from ..engine import RunOptions, atomic_output, run_tasks
+from ..engine import RunOptions, job_output, run_tasks
 from ..errors import MismatchError, ParameterError, tensor_context
 from ..jobs.tensors import TensorJob, run_stats_passes
 from ..methods.base import ChunkContext, LossyMethod
@@ -110,7 +110,7 @@ def _open_model(entry, cfg: MergeConfig, scratch_dir: str, base_path: str | None
         if base_path is None:
             raise ParameterError(f"{cfg.where('models')}: model '{entry.model}' is an artifact: it needs base_model")
         out = os.path.join(scratch_dir, f"model-{abs(hash(entry.model)) % 10**8}")
-        apply(base_path, entry.path, out, options=options)
+        apply(base_path, entry.path, out, overwrite=True, options=replace(options, journal=None))
         return open_checkpoint(out)
     return open_checkpoint(entry.path)
 
@@ -157,7 +157,7 @@ _PER_MODEL_ARRAYS, _FIXED_ARRAYS = 8, 6  # measured on ties, 2 models: 880 MiB a
 
 
 def merge(config: str, out: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, memory: int = 1 << 30, seed: int = 0,
-          strict: bool = False, max_shard_size: int = 5 * 10**9, overwrite: bool = False,
+          strict: bool = False, max_shard_size: int = 5 * 10**9, overwrite: bool = False, resume: bool = False,
           options: RunOptions = RunOptions()) -> str:
     cfg = load_merge_config(config)
     # a task holds float32 copies (2 bytes per bf16 input byte) of the base and each model's delta
@@ -173,7 +173,9 @@ def merge(config: str, out: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, memo
     if cfg.base is not None and not os.path.exists(cfg.base):
         raise ParameterError(f"{cfg.where('base_model')}: base_model not found ({cfg.base})")
     inputs = [cfg.base] if cfg.base else []
-    with atomic_output(out, overwrite=overwrite, inputs=inputs + [m.path for m in cfg.models]) as folder:
+    plan = {"merge": cfg.text, "seed": seed, "chunk": chunk_bytes, "strict": strict, "shard": max_shard_size}
+    with job_output(out, overwrite=overwrite, inputs=inputs + [m.path for m in cfg.models], resume=resume,
+                    plan=plan, options=options) as (folder, options):
         scratch_dir = os.path.join(folder, ".inputs")
         base = open_checkpoint(cfg.base) if cfg.base else None
         if cfg.method != "linear":  # as mergekit: the base listed among the models adds no task vector
@@ -211,7 +213,7 @@ def merge(config: str, out: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, memo
         metadata = {"deltastream_merge": cfg.method, "deltastream_seed": str(seed),
                     "deltastream_version": __version__}
         writer = CheckpointWriter(folder, outputs, max_shard_size, metadata)
-        writer.create()
+        writer.create(keep_existing=resume)
         tasks = []
         for (name, binfo, parts), output in zip(tasks_spec, outputs):
             path, offset = writer.location(name)
