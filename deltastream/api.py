@@ -24,8 +24,15 @@ __all__ = ["compress", "apply", "edit", "merge", "verify", "info", "DEFAULT_MEMO
 
 #: the memory budget for chunks in flight; the chunk size shrinks to fit it
 DEFAULT_MEMORY_BYTES = 1 << 30
-#: peak private bytes one running task holds per byte of input chunk (output, codec buffers)
+#: peak private bytes one running task holds per byte of its input chunk: encoded output and codec
+#: buffers (exact storage); float32 copies of the delta, the base and the output (lossy methods).
+#: Measured by benchmarks/bench_memory.py; docs/architecture.md#memory-model.
 TASK_FOOTPRINT = 4
+LOSSY_FOOTPRINT = 12
+
+
+def footprint(method: Method | None) -> int:
+    return LOSSY_FOOTPRINT if method is not None and method.lossy else TASK_FOOTPRINT
 
 
 def run_options(workers: int | None = None, scheduler: str | None = None, progress: bool | None = None,
@@ -33,11 +40,12 @@ def run_options(workers: int | None = None, scheduler: str | None = None, progre
     return RunOptions(workers=workers, scheduler=scheduler, progress=progress, client=client)
 
 
-def effective_chunk_bytes(chunk_size: int | str | None, memory: int | str | None, options: RunOptions) -> int:
+def effective_chunk_bytes(chunk_size: int | str | None, memory: int | str | None, options: RunOptions,
+                          method: Method | None = None) -> int:
     """The chunk size, shrunk so that workers x footprint x chunk fits the memory budget."""
     chunk = parse_size(chunk_size, "chunk size") if chunk_size is not None else DEFAULT_CHUNK_BYTES
     budget = parse_size(memory, "memory budget") if memory is not None else DEFAULT_MEMORY_BYTES
-    fit = budget // (options.n_workers * TASK_FOOTPRINT)
+    fit = budget // (options.n_workers * footprint(method))
     return min(chunk, max(fit, 1 << 16))
 
 
@@ -56,7 +64,7 @@ def compress(base: str, fine_tune: str | list[str], out: str, method: str | Meth
     options = run_options(workers, scheduler, progress, client)
     job = compress_job.compress if isinstance(fine_tune, str) else compress_job.compress_many
     return job(base, fine_tune, out, m,
-                                 chunk_bytes=effective_chunk_bytes(chunk_size, memory, options), seed=seed,
+                                 chunk_bytes=effective_chunk_bytes(chunk_size, memory, options, m), seed=seed,
                                  policy=Policy(tuple(include), tuple(exclude)), overwrite=overwrite,
                                  resume=resume, options=options)
 
@@ -69,7 +77,7 @@ def edit(base: str, fine_tune: str, out: str, method: str | Method, *, chunk_siz
     """Write base + method(delta) as the checkpoint folder ``out`` (same keywords as compress)."""
     m = method if isinstance(method, Method) else get_method(method, **params)
     options = run_options(workers, scheduler, progress, client)
-    path, _ = edit_job.edit(base, fine_tune, out, m, chunk_bytes=effective_chunk_bytes(chunk_size, memory, options),
+    path, _ = edit_job.edit(base, fine_tune, out, m, chunk_bytes=effective_chunk_bytes(chunk_size, memory, options, m),
                             seed=seed, policy=Policy(tuple(include), tuple(exclude)),
                             max_shard_size=parse_size(max_shard_size, "max shard size"), overwrite=overwrite,
                             resume=resume, options=options)

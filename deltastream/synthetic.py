@@ -76,6 +76,9 @@ SHAPES: dict[str, LlamaShape] = {
     "7B": LlamaShape(4096, 11008, 32, 32, 32, 32000, max_positions=4096, note="Llama-2-7B shapes"),
     # 70.6e9 parameters, 141 GB a side: for shape arithmetic, not meant to be generated whole
     "70B": LlamaShape(8192, 28672, 80, 64, 8, 128256, max_positions=8192, note="Llama-3-70B shapes"),
+    # every tensor shape of a 70B (the 128256 x 8192 embedding and head, 8192 x 28672 MLP), 2 of its
+    # 80 layers: 3.8e9 parameters, 7.6 GB a side. A real 70B is this plus 78 more layers like these
+    "70B-2L": LlamaShape(8192, 28672, 2, 64, 8, 128256, max_positions=8192, note="Llama-3-70B shapes, 2 layers"),
 }
 
 

@@ -27,3 +27,12 @@ def test_progress_counts_bytes_on_a_terminal(monkeypatch):
     with Progress(2048, "compress") as progress:  # not a terminal: silent
         progress.advance(2048)
     assert quiet.getvalue() == ""
+
+
+def test_lossy_methods_budget_for_their_float32_copies():
+    from deltastream.api import LOSSY_FOOTPRINT
+    from deltastream.methods import get_method
+
+    two = RunOptions(workers=2)
+    assert effective_chunk_bytes(None, "256MiB", two, get_method("bitdelta")) == (256 << 20) // (2 * LOSSY_FOOTPRINT)
+    assert effective_chunk_bytes(None, "256MiB", two, get_method("lossless")) == (256 << 20) // (2 * TASK_FOOTPRINT)
