@@ -183,56 +183,33 @@ def merge(config: str, out: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, memo
         models = [_open_model(m, cfg, scratch_dir, cfg.base, options) for m in cfg.models]
         reference = base or models[0]
         layers = len({n.split(".layers.")[1].split(".")[0] for n in reference.tensors if ".layers." in n})
-        jobs, tasks_spec = [], []
-        for name, binfo in reference.tensors.items():
-            parts = []
-            for entry, model in zip(cfg.models, models):
-                info = model.tensors.get(name)
-                if info is None:
-                    raise MismatchError(f"{tensor_context(model.path, name)}: missing from model '{entry.model}'")
-                parts.append(_crop(info, binfo, entry.model, strict))
-            tasks_spec.append((name, binfo, parts))
-            if not binfo.dtype.is_float or spec.sparsify is None:
-                continue
-            for entry, info in zip(cfg.models, parts):
-                params = {k: resolve(v, name, layers) for k, v in {**cfg.parameters, **entry.parameters}.items()}
-                method = sparsifier(spec.sparsify, params, flags["rescale"])
-                if method is None:
-                    continue
-                row = binfo.shape[-1] if len(binfo.shape) >= 2 else max(1, binfo.numel)
-                chunk = chunk_elements(binfo.shape, binfo.dtype.itemsize, max(chunk_bytes, row * 4))
-                key = f"{entry.model}\x00{name}"
-                plan = TensorPlan(name=key, ft=replace(info, name=name), base=binfo, chunk_elems=chunk)
-                jobs.append(TensorJob(index=len(jobs), plan=plan, policy=cfg.method, method=method, rng_name=key,
-                                      state=method.initial_state(binfo.shape)))
-        run_stats_passes(jobs, seed, options, post=True)
-        by_key = {j.name: j for j in jobs}
+        matched = _match_tensors(cfg, reference, models, strict)
+        jobs = _sparsifier_jobs(cfg, spec, matched, layers, flags["rescale"], chunk_bytes)
+        run_stats_passes(list(jobs.values()), seed, options, post=True)
         out_dtype = cfg.out_dtype or cfg.dtype
         outputs = [OutputTensor(n, (out_dtype if b.dtype.is_float and out_dtype else b.dtype.name), b.shape)
-                   for n, b, _ in tasks_spec]
+                   for n, b, _ in matched]
         metadata = {"deltastream_merge": cfg.method, "deltastream_seed": str(seed),
                     "deltastream_version": __version__}
         writer = CheckpointWriter(folder, outputs, max_shard_size, metadata)
         writer.create(keep_existing=resume)
         tasks = []
-        for (name, binfo, parts), output in zip(tasks_spec, outputs):
+        for (name, binfo, parts), output in zip(matched, outputs):
             path, offset = writer.location(name)
-            weights, methods = [], []
+            weights = []
             for entry in cfg.models:
-                params = {k: resolve(v, name, layers) for k, v in {**cfg.parameters, **entry.parameters}.items()}
-                if params.get("weight") is None:
-                    raise ParameterError(f"{cfg.where('models')}: missing parameter 'weight' for model "
-                                         f"'{entry.model}' (tensor '{name}')")
-                weights.append(float(params["weight"]))
-                methods.append(by_key.get(f"{entry.model}\x00{name}"))
+                weight = _params(cfg, entry, name, layers).get("weight")
+                if weight is None:
+                    raise ParameterError(f"file '{cfg.path}' line {entry.line}: missing parameter 'weight' for "
+                                         f"model '{entry.model}' (tensor '{name}')")
+                weights.append(float(weight))
+            tensor_jobs = [jobs.get((entry.model, name)) for entry in cfg.models]
             # the chunking of the stats passes, where there were any (ranks and masks follow it)
-            plan = next((j.plan for j in methods if j is not None), None)
-            chunks = plan.chunks() if plan else [
-                c for c in TensorPlan(name, binfo, binfo, chunk_elements(binfo.shape, binfo.dtype.itemsize,
-                                                                          chunk_bytes)).chunks()]
-            for chunk in chunks:
+            plan = next((j.plan for j in tensor_jobs if j is not None), None) or TensorPlan(
+                name, binfo, binfo, chunk_elements(binfo.shape, binfo.dtype.itemsize, chunk_bytes))
+            for chunk in plan.chunks():
                 model_parts = tuple(ModelPart(info, w, j.method if j else None, j.context(chunk, seed) if j else None)
-                                    for info, w, j in zip(parts, weights, methods))
+                                    for info, w, j in zip(parts, weights, tensor_jobs))
                 tasks.append(MergeTask(name, binfo, chunk.start, chunk.stop, model_parts,
                                        spec if binfo.dtype.is_float else None, cfg.method == "linear",
                                        flags["normalize"], flags["lambda"], flags["official"], output.dtype,
@@ -247,6 +224,49 @@ def merge(config: str, out: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, memo
         with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
             f.write(model_card(cfg, os.path.basename(os.path.abspath(out)), seed))
     return os.path.abspath(out)
+
+
+def _params(cfg: MergeConfig, entry, name: str, layers: int) -> dict:
+    """A model's parameters for one tensor: its own over the global ones, filters resolved."""
+    return {k: resolve(v, name, layers) for k, v in {**cfg.parameters, **entry.parameters}.items()}
+
+
+def _match_tensors(cfg: MergeConfig, reference: Checkpoint, models: list[Checkpoint], strict: bool) -> list:
+    """(name, reference tensor, each model's tensor cropped to it) for every tensor, or a clear error."""
+    matched = []
+    for name, binfo in reference.tensors.items():
+        parts = []
+        for entry, model in zip(cfg.models, models):
+            info = model.tensors.get(name)
+            if info is None:
+                raise MismatchError(f"{tensor_context(model.path, name)}: missing from model '{entry.model}'")
+            parts.append(_crop(info, binfo, entry.model, strict))
+        matched.append((name, binfo, parts))
+    return matched
+
+
+def _sparsifier_jobs(cfg: MergeConfig, spec: MergeSpec, matched: list, layers: int, rescale: bool,
+                     chunk_bytes: int) -> dict[tuple[str, str], TensorJob]:
+    """One stats-pass job per (model, tensor) that a sparsifier edits, keyed (model, tensor); each
+    draws its random stream from the model as written and the tensor name."""
+    jobs: dict[tuple[str, str], TensorJob] = {}
+    if spec.sparsify is None:
+        return jobs
+    for name, binfo, parts in matched:
+        if not binfo.dtype.is_float:
+            continue
+        # DELLA ranks within rows: a chunk holds whole rows (a 1-D tensor is one row)
+        row = binfo.shape[-1] if len(binfo.shape) >= 2 else max(1, binfo.numel)
+        chunk = chunk_elements(binfo.shape, binfo.dtype.itemsize, max(chunk_bytes, row * 4))
+        for entry, info in zip(cfg.models, parts):
+            method = sparsifier(spec.sparsify, _params(cfg, entry, name, layers), rescale)
+            if method is None:
+                continue
+            key = f"{entry.model}\x00{name}"
+            plan = TensorPlan(name=key, ft=replace(info, name=name), base=binfo, chunk_elems=chunk)
+            jobs[(entry.model, name)] = TensorJob(index=len(jobs), plan=plan, policy=cfg.method, method=method,
+                                                  rng_name=key, state=method.initial_state(binfo.shape))
+    return jobs
 
 
 def _write_side_files(folder: str, reference: Checkpoint, out_dtype: str | None) -> None:
