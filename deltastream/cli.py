@@ -7,6 +7,7 @@ Errors a user can cause print one line, ``deltastream: error: ...``, and exit wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -30,8 +31,9 @@ def _add_run_options(p: argparse.ArgumentParser, resume: bool = True) -> None:
     g.add_argument("--workers", type=int, default=None, metavar="N",
                    help="worker threads (default: the number of CPU cores)")
     g.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                   help="run on a dask.distributed scheduler (e.g. tcp://host:8786) instead of local threads; "
-                        "local:N starts a LocalCluster of N worker processes for the run")
+                   help="run on a dask.distributed scheduler (e.g. tcp://host:8786) instead of local threads")
+    g.add_argument("--cluster", default=None, metavar="local:N",
+                   help="start a dask.distributed LocalCluster of N worker processes for this command")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     if resume:
         g.add_argument("--resume", action="store_true",
@@ -139,7 +141,26 @@ def format_methods(described: list[dict]) -> str:
 
 
 def _run_kwargs(args: argparse.Namespace) -> dict:
-    return {"workers": args.workers, "scheduler": args.scheduler, "progress": None if not args.quiet else False}
+    return {"workers": args.workers, "scheduler": args.scheduler, "progress": None if not args.quiet else False,
+            "client": getattr(args, "client", None)}
+
+
+@contextlib.contextmanager
+def _cluster(args: argparse.Namespace):
+    """--cluster local:N: one LocalCluster for the whole command (every pass runs on it)."""
+    spec = getattr(args, "cluster", None)
+    if not spec:
+        yield
+        return
+    kind, _, n = spec.partition(":")
+    if kind != "local" or not n.isdigit() or int(n) < 1:
+        raise ParameterError(f"--cluster expects local:N (N worker processes), not {spec!r}")
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=int(n), threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster, set_as_default=False) as client:
+        args.client = client
+        yield
 
 
 def _job_options(args: argparse.Namespace) -> dict:
@@ -158,6 +179,7 @@ def _job_options(args: argparse.Namespace) -> dict:
         "chunk_size": args.chunk_size or doc.get("chunk_size"),
         "memory": args.memory or doc.get("memory"),
         "workers": workers, "scheduler": args.scheduler, "progress": None if not args.quiet else False,
+        "client": getattr(args, "client", None),
         **({"max_shard_size": args.max_shard_size or doc.get("max_shard_size") or "5GB"}
            if hasattr(args, "max_shard_size") else {}),
         **({"fine_tunes": doc.get("fine_tunes")} if args.command == "compress" else {}),
@@ -218,7 +240,8 @@ def _command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _command(args)
+        with _cluster(args):
+            return _command(args)
     except DeltastreamError as exc:
         print(f"deltastream: error: {exc}", file=sys.stderr)
         return exc.exit_code

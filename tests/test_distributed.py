@@ -62,3 +62,16 @@ def test_local_n_starts_its_own_cluster(tmp_path):
     base, ft = make_pair(str(tmp_path), {"w": ("BF16", (16, 16))})
     art = ds.compress(base, ft, str(tmp_path / "a.dsz"), scheduler="local:2")
     assert read_raw(ds.apply(base, art, str(tmp_path / "out"))) == read_raw(ft)
+
+
+def test_cli_cluster_option_runs_every_pass_on_one_local_cluster(tmp_path, capsys):
+    from common import run_cli
+
+    base, ft = make_pair(str(tmp_path), {"layers.0.w": ("BF16", (32, 32))})
+    assert run_cli("compress", base, ft, "-o", tmp_path / "a.dsz", "--method", "bitdelta", "-q",
+                   "--cluster", "local:2") == 0
+    threaded = ds.compress(base, ft, str(tmp_path / "t.dsz"), "bitdelta")
+    assert read_raw(ds.apply(base, str(tmp_path / "a.dsz"), str(tmp_path / "o1"))) == \
+        read_raw(ds.apply(base, threaded, str(tmp_path / "o2")))
+    assert run_cli("compress", base, ft, "-o", tmp_path / "b.dsz", "--cluster", "remote") == 2
+    assert "--cluster expects local:N" in capsys.readouterr().err
