@@ -35,6 +35,7 @@ from ..params import check_range, field
 from ..scratch import scratch
 from .base import LossyMethod
 from .packing import pack, packed_array, unpack
+from .trim import RankPasses
 
 __all__ = ["MagnitudeBlocks"]
 
@@ -49,7 +50,7 @@ class BlocksParams:
         check_range("bitdelta", "scale", self.scale, 0.0, None, low_open=True)
 
 
-class MagnitudeBlocks(LossyMethod):
+class MagnitudeBlocks(RankPasses, LossyMethod):
     """Not registered: ``bitdelta`` with ``bits >= 1`` delegates to it (same id, same arrays)."""
 
     method_id = "bitdelta"
@@ -62,13 +63,13 @@ class MagnitudeBlocks(LossyMethod):
         self.widths = ranks.digit_widths(self.blocks - 1)
 
     # --- passes: the rank search, then ties and exact block sums ------------------------------
-    def pre_passes(self, shape):
-        return len(self.widths) + 1
+    def boundaries(self, n):
+        return [b * n // self.blocks for b in range(1, self.blocks)]
 
     def pre_stats(self, i, delta, ctx):
-        bits = ranks.magnitude_bits(delta, out=delta)  # in place: delta is not used again
-        if i < len(self.widths):
-            return {"hist": ranks.histogram(bits, ctx.state["_search"] if i else None)}
+        bits, partial = self.search_pass(i, delta, ctx)
+        if partial is not None:
+            return partial
         cut = ranks.Cut(ctx.state["_search"])
         mag = bits.view(np.float32)
         ties = np.zeros(cut.values.size, np.int64)
@@ -88,12 +89,9 @@ class MagnitudeBlocks(LossyMethod):
         return {**ranks.tie_record((ctx.tensor, ctx.index), ties), "sums": sums}
 
     def finalize_pre(self, i, combined, state):
-        if i == 0:
-            n = int(combined["hist"].sum())
-            search = ranks.new_search(n, [b * n // self.blocks for b in range(1, self.blocks)], self.widths)
-            return {**state, "_search": ranks.refine(search, combined["hist"])}
-        if i < len(self.widths):
-            return {**state, "_search": ranks.refine(state["_search"], combined["hist"])}
+        refined = self.refine_search(i, combined, state)
+        if refined is not None:
+            return refined
         search = state["_search"]
         (offsets,) = ranks.tie_offsets(search, combined["ties_list"]).values()  # one tensor
         sums = [int(s) for s in combined["sums"]]

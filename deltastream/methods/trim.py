@@ -47,7 +47,38 @@ class TrimParams:
         check_range("trim", "density", self.density, 0.0, 1.0, low_open=True)
 
 
-class Trim(LossyMethod):
+class RankPasses:
+    """The passes of an exact rank search (``deltastream.ranks``) as method hooks, shared by the
+    methods that cut |delta| at ranks: they give ``widths`` (the search's digits) and
+    ``boundaries(n)``, and do their own last pass (ties) and its finalize."""
+
+    widths: list[int]
+
+    def boundaries(self, n: int) -> list[int]:
+        raise NotImplementedError
+
+    def pre_passes(self, shape):
+        return len(self.widths) + 1
+
+    def search_pass(self, i, delta, ctx):
+        """(|delta| as uint32 bits, in delta's memory; pass i's histogram, or None at the tie pass)."""
+        bits = ranks.magnitude_bits(delta, out=delta)  # in place: delta is not used again
+        if i < len(self.widths):
+            return bits, {"hist": ranks.histogram(bits, ctx.state["_search"] if i else None)}
+        return bits, None
+
+    def refine_search(self, i, combined, state) -> dict | None:
+        """The state after histogram pass i, or None after the tie pass (the caller's own)."""
+        if i == 0:
+            n = int(combined["hist"].sum())
+            return {**state, "_search": ranks.refine(ranks.new_search(n, self.boundaries(n), self.widths),
+                                                     combined["hist"])}
+        if i < len(self.widths):
+            return {**state, "_search": ranks.refine(state["_search"], combined["hist"])}
+        return None
+
+
+class Trim(RankPasses, LossyMethod):
     method_id = "trim"
     Params = TrimParams
     summary = "TIES trim: keep exactly the top-k |delta| (k = density * n) per tensor or over the model, zero the rest"
@@ -62,22 +93,16 @@ class Trim(LossyMethod):
         boundary up to the second (or the end). Subclasses (the merge sparsifiers) redefine it."""
         return [n - round(self.params.density * n)]
 
-    def pre_passes(self, shape):
-        return len(self.widths) + 1
-
     def pre_stats(self, i, delta, ctx):
-        bits = ranks.magnitude_bits(delta, out=delta)  # in place: delta is not used again
-        if i < len(self.widths):
-            return {"hist": ranks.histogram(bits, ctx.state["_search"] if i else None)}
+        bits, partial = self.search_pass(i, delta, ctx)
+        if partial is not None:
+            return partial
         return ranks.tie_partial(bits, ctx.state["_search"], (ctx.tensor, ctx.index))
 
     def finalize_pre(self, i, combined, state):
-        if i == 0:
-            n = int(combined["hist"].sum())
-            search = ranks.new_search(n, self.boundaries(n), self.widths)
-            return {**state, "_search": ranks.refine(search, combined["hist"])}
-        if i < len(self.widths):
-            return {**state, "_search": ranks.refine(state["_search"], combined["hist"])}
+        refined = self.refine_search(i, combined, state)
+        if refined is not None:
+            return refined
         # every tensor of the group gets every tensor's offsets: finalize_pre is not told its tensor
         return {**state, "_tie_offsets": ranks.tie_offsets(state["_search"], combined["ties_list"])}
 
