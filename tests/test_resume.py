@@ -95,3 +95,17 @@ def test_resume_refuses_a_partial_output_of_another_job(tmp_path, pair):
     _kill_midway(["compress", base, ft, "--chunk-size", "2KiB", "-o", out], out + ".partial")
     with pytest.raises(ParameterError, match="made by a different job"):
         ds.compress(base, ft, out, "dare", chunk_size="2KiB", resume=True)
+
+
+def test_merge_kill_then_resume(tmp_path, pair):
+    base, ft = pair
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(f"merge_method: dare_ties\nbase_model: {base}\nmodels:\n"
+                   f"  - model: {ft}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+                   f"  - model: {base}\n    parameters: {{weight: 0.5, density: 0.5}}\n")
+    reference = ds.merge(str(cfg), str(tmp_path / "ref"), chunk_size="2KiB")
+    out = str(tmp_path / "out")
+    _kill_midway(["merge", str(cfg), "--chunk-size", "2KiB", "-o", out], out + ".partial")
+    assert subprocess.run([sys.executable, "-m", "deltastream.cli", "merge", str(cfg), "--chunk-size", "2KiB",
+                           "-o", out, "-q", "--resume"]).returncode == 0
+    assert read_raw(out) == read_raw(reference)
