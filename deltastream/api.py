@@ -72,15 +72,18 @@ def compress(base: str, fine_tune: str | list[str], out: str, method: str | Meth
 def edit(base: str, fine_tune: str, out: str, method: str | Method, *, chunk_size: int | str | None = None,
          memory: int | str | None = None, seed: int = 0, include: tuple[str, ...] = (),
          exclude: tuple[str, ...] = (), max_shard_size: int | str = "5GB", overwrite: bool = False,
-         resume: bool = False, workers: int | None = None, scheduler: str | None = None,
+         resume: bool = False, device: str = "cpu", workers: int | None = None, scheduler: str | None = None,
          progress: bool | None = False, client: Any = None, **params: Any) -> str:
-    """Write base + method(delta) as the checkpoint folder ``out`` (same keywords as compress)."""
+    """Write base + method(delta) as the checkpoint folder ``out`` (same keywords as compress);
+    ``device`` "cuda" (or "auto": CUDA when present) edits each chunk on the GPU, with the same bits."""
+    from .device import resolve_device
+
     m = method if isinstance(method, Method) else get_method(method, **params)
     options = run_options(workers, scheduler, progress, client)
     path, _ = edit_job.edit(base, fine_tune, out, m, chunk_bytes=effective_chunk_bytes(chunk_size, memory, options, m),
                             seed=seed, policy=Policy(tuple(include), tuple(exclude)),
                             max_shard_size=parse_size(max_shard_size, "max shard size"), overwrite=overwrite,
-                            resume=resume, options=options)
+                            resume=resume, options=options, device=resolve_device(device))
     return path
 
 

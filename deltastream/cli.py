@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_options(p, default=None)
     p.add_argument("--max-shard-size", default=None, metavar="SIZE",
                    help="largest output shard, Hugging Face style (default: 5GB)")
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
+                   help="where each chunk is edited: cuda (GPU, same bits), auto (cuda when present), cpu")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     _add_run_options(p)
 
@@ -207,7 +209,7 @@ def _command(args: argparse.Namespace) -> int:
         options = _job_options(args)
         method = options.pop("method")
         out = api.edit(args.base, args.fine_tune, args.output, method, overwrite=args.overwrite,
-                       resume=args.resume, **options)
+                       resume=args.resume, device=args.device, **options)
         print(f"wrote {out} ({method.method_id}) in {time.perf_counter() - start:.1f}s")
     elif args.command == "merge":
         start = time.perf_counter()

@@ -48,10 +48,11 @@ def edit_chunk(task: EditTask) -> None:
 
 def edit(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
          seed: int = 0, policy: Policy = Policy(), max_shard_size: int = 5 * 10**9, overwrite: bool = False,
-         options: RunOptions = RunOptions(), keep_state: bool = False, resume: bool = False) -> tuple[str, list]:
+         options: RunOptions = RunOptions(), keep_state: bool = False, resume: bool = False,
+         device: str = "cpu") -> tuple[str, list]:
     """Write base + method(delta) as a checkpoint folder ``out``; return its path and the jobs
     (their policies and states, for reporting; array states are dropped after each batch unless
-    ``keep_state``)."""
+    ``keep_state``). ``device`` "cuda" computes each chunk's edit on the GPU (deltastream.device)."""
     base_ckpt = open_checkpoint(base)
     ft_ckpt = open_checkpoint(fine_tune)
     jobs = prepare_jobs(pair_tensors(base_ckpt, ft_ckpt, chunk_bytes), method, policy, ft_ckpt)
@@ -67,7 +68,7 @@ def edit(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes: in
             shutil.copyfile(path, os.path.join(folder, name))
         for batch in batches(jobs):  # passes then writes, a batch of tensors' state at a time
             run_stats_passes(batch, seed, options, post=True)
-            tasks = [EditTask(j.plan.ft, j.plan.base, j.plan.base_numel, j.method, j.context(chunk, seed),
+            tasks = [EditTask(j.plan.ft, j.plan.base, j.plan.base_numel, j.method, j.context(chunk, seed, device=device),
                               *writer.location(j.name)) for j in batch for chunk in j.plan.chunks()]
             run_tasks(edit_chunk, tasks, name="edit", options=options,
                       total_bytes=sum(j.plan.ft.nbytes * 2 for j in batch),

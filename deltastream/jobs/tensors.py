@@ -41,10 +41,11 @@ class TensorJob:
     def name(self) -> str:
         return self.plan.name
 
-    def context(self, chunk: Chunk, seed: int, chunk_state: dict | None = None) -> ChunkContext:
+    def context(self, chunk: Chunk, seed: int, chunk_state: dict | None = None, device: str = "cpu") -> ChunkContext:
         return ChunkContext(tensor=self.name, dtype=self.plan.ft.dtype, shape=self.plan.ft.shape,
                             start=chunk.start, stop=chunk.stop, index=chunk.index, seed=seed,
-                            rng_name=self.rng_name, state=self.state, chunk_state=chunk_state or {})
+                            rng_name=self.rng_name, state=self.state, chunk_state=chunk_state or {},
+                            device=device)
 
 
 def tied_aliases(ft: Checkpoint) -> dict[str, str]:

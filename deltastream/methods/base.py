@@ -68,6 +68,7 @@ class ChunkContext:
     rng_name: str = ""  # the name whose random stream the tensor uses (a tied tensor: its twin's)
     state: dict = field(default_factory=dict)
     chunk_state: dict = field(default_factory=dict)
+    device: str = "cpu"  # where edit_bits computes: "cpu" (numpy), "cuda", or "torch:cpu" (tests)
 
     @property
     def size(self) -> int:
@@ -236,6 +237,11 @@ class LossyMethod(Method):
         return self.output_bits(base, self.decode_delta(stored, base, ctx), ctx)
 
     def edit_bits(self, base, ft, ctx):
+        if ctx.device != "cpu":
+            from ..device import edit_on_device, has_kernel
+
+            if has_kernel(self, ctx.dtype.name):
+                return edit_on_device(self, base, ft, ctx, ctx.device)
         # a compact method may give a direct edit_delta when it is cheaper than decode(encode());
         # the tests check that it equals apply of the artifact, bit for bit
         if self.compact and type(self).edit_delta is LossyMethod.edit_delta:

@@ -1,0 +1,145 @@
+"""Per-chunk offload of lossy edits to a torch device (a CUDA GPU), with the CPU's bits.
+
+``edit --device cuda`` (or ``auto``, which picks CUDA when torch sees one) runs each chunk's
+edit on the GPU: the chunk's base and fine-tune bit patterns are copied in (from pinned staging
+buffers, non-blocking), widened, edited and rounded there, and copied back. Every kernel below is
+the numpy method's arithmetic in the same order, in float32, with the same element RNG
+(``rng.uniform_u32_torch``) and round-to-nearest-even casts, so the output bits equal the CPU's;
+tests run this same code with torch on the CPU (``torch:cpu``), and benchmarks/gpu_check.py
+checks it on a GPU.
+
+Methods with a kernel here: dare, biased, extrapolate, bitdelta (1-bit, per tensor or row, zero
+plus or keep, no residual levels). Others run on the CPU path, chunk by chunk as usual.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+__all__ = ["resolve_device", "has_kernel", "edit_on_device"]
+
+_TORCH_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+_local = threading.local()
+
+
+def resolve_device(device: str | None) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'torch:cpu' runs the torch kernels on
+    the CPU (the tests' way to run this module's code without a GPU)."""
+    from .errors import ParameterError
+
+    device = device or "cpu"
+    if device == "auto":
+        try:
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:
+            return "cpu"
+    if device not in ("cpu", "cuda", "torch:cpu") and not device.startswith("cuda:"):
+        raise ParameterError(f"--device must be auto, cpu or cuda, not {device!r}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ParameterError(f"--device {device}: torch sees no CUDA device here")
+    return device
+
+
+def has_kernel(method, dtype_name: str) -> bool:
+    p = getattr(method, "params", None)
+    if dtype_name not in _TORCH_DTYPE:
+        return False
+    if method.method_id == "bitdelta":
+        return p.bits == 0 and p.residual == 0
+    return method.method_id in ("dare", "biased", "extrapolate")
+
+
+def _staging(n: int, pinned: bool):
+    """This thread's pinned host buffers for one chunk in and out (reused: pinning is slow)."""
+    import torch
+
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None or bufs[0].numel() < n:
+        kw = {"pin_memory": True} if pinned else {}
+        bufs = _local.bufs = tuple(torch.empty(max(n, 1), dtype=torch.int16, **kw) for _ in range(3))
+    return bufs
+
+
+def edit_on_device(method, base: np.ndarray, ft: np.ndarray, ctx, device: str) -> np.ndarray:
+    """The chunk's output bit patterns, computed with torch on ``device``."""
+    import torch
+
+    torch_device = torch.device("cpu" if device == "torch:cpu" else device)
+    cuda = torch_device.type == "cuda"
+    n = ft.size
+    dtype = getattr(torch, _TORCH_DTYPE[ctx.dtype.name])
+    if ctx.dtype.itemsize != 2:  # F32: no staging, the chunk is its own float32 view
+        b = torch.from_numpy(base.view(np.float32).copy()).to(torch_device)
+        f = torch.from_numpy(ft.view(np.float32).copy()).to(torch_device)
+        return (b + _kernel(method, f - b, ctx, torch_device)).cpu().numpy().view(ctx.dtype.bits)
+    host_b, host_f, host_out = _staging(n, pinned=cuda)
+    host_b.numpy()[:n] = base.view(np.int16)  # the mmap view -> this thread's pinned buffer
+    host_f.numpy()[:n] = ft.view(np.int16)
+    stream = _stream(torch_device) if cuda else None
+    with torch.cuda.stream(stream) if cuda else _no_stream():
+        # each worker thread has its own stream: one chunk's copies overlap another's compute
+        b = host_b[:n].to(torch_device, non_blocking=True).view(dtype).to(torch.float32)
+        f = host_f[:n].to(torch_device, non_blocking=True).view(dtype).to(torch.float32)
+        out = (b + _kernel(method, f - b, ctx, torch_device)).to(dtype)
+        host_out[:n].copy_(out.view(torch.int16), non_blocking=cuda)
+        if cuda:
+            stream.synchronize()  # the pinned buffers are reused by this thread's next chunk
+    return host_out[:n].numpy().view(ctx.dtype.bits).copy()
+
+
+def _stream(device):
+    import torch
+
+    stream = getattr(_local, "stream", None)
+    if stream is None:
+        stream = _local.stream = torch.cuda.Stream(device=device)
+    return stream
+
+
+class _no_stream:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _kernel(method, delta, ctx, device):
+    import torch
+
+    from .rng import threshold_u32, uniform_u32_torch
+
+    p = method.params
+    f32 = torch.float32
+    if method.method_id == "extrapolate":
+        return delta * float(np.float32(1.0 + p.alpha))
+    if method.method_id == "biased":
+        pos = float(np.float32((1 - p.k * p.p) / (1 - p.p)))
+        return delta * torch.where(delta < 0, torch.tensor(float(np.float32(p.k)), dtype=f32, device=device),
+                                   torch.tensor(pos, dtype=f32, device=device))
+    if method.method_id == "dare":
+        keep = uniform_u32_torch(ctx.rng_key, ctx.start, ctx.stop, device=device) >= min(threshold_u32(p.p), 2**32 - 1)
+        if p.k == 0:
+            delta = delta * float(method.factor(ctx))
+            return torch.where(keep, delta, torch.zeros((), dtype=f32, device=device))
+        kept = float(np.float32((1 - p.k * p.p) / (1 - p.p)))
+        return delta * torch.where(keep, torch.tensor(kept, dtype=f32, device=device),
+                                   torch.tensor(float(np.float32(p.k)), dtype=f32, device=device))
+    # bitdelta, 1-bit
+    alpha = ctx.state["alpha"][0]
+    if p.per == "tensor":
+        scale = torch.tensor(float(np.float32(alpha)), dtype=f32, device=device)
+    else:
+        rows = np.asarray(alpha, np.float32)[np.arange(ctx.start, ctx.stop) // ctx.row_len]
+        scale = torch.from_numpy(rows).to(device)
+    edited = torch.where(delta >= 0, scale, -scale)
+    if p.zero == "keep":
+        edited = torch.where(delta != 0, edited, torch.zeros((), dtype=f32, device=device))
+    return edited

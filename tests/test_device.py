@@ -1,0 +1,60 @@
+"""The device path of edit gives the CPU's bits: the same torch code runs on CUDA when there is a
+GPU and on the CPU here (``torch:cpu``), so the CUDA test only adds the device itself."""
+
+import pytest
+from common import make_pair, read_raw
+
+import deltastream as ds
+from deltastream.errors import ParameterError
+
+SPECS = {"layers.0.mlp.w": ("BF16", (64, 48)), "layers.0.attn.w": ("F16", (32, 40)),
+         "layers.1.mlp.w": ("F32", (24, 16)), "layers.0.norm": ("BF16", (48,))}
+CASES = [("dare", {"p": 0.9}), ("dare", {"p": 0.5, "k": -0.5}), ("dare", {"p": 0.6, "rescale": "l1"}),
+         ("dare", {"p": 0.3, "rescale": "none"}), ("bitdelta", {}), ("bitdelta", {"per": "row", "zero": "keep"}),
+         ("bitdelta", {"bits": 2}), ("extrapolate", {"alpha": 0.4}), ("biased", {"p": 0.5, "k": 0.7}),
+         ("trim", {"density": 0.3})]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("device")
+    return tmp, *make_pair(str(tmp), SPECS, seed=4)
+
+
+def _check(pair, device, method, params):
+    tmp, base, ft = pair
+    tag = f"{method}-{'-'.join(f'{k}{v}' for k, v in params.items())}"
+    cpu = ds.edit(base, ft, str(tmp / f"cpu-{tag}"), method, chunk_size=700, seed=2, overwrite=True, **params)
+    dev = ds.edit(base, ft, str(tmp / f"dev-{tag}"), method, chunk_size=700, seed=2, overwrite=True,
+                  device=device, **params)
+    assert read_raw(dev) == read_raw(cpu)
+
+
+@pytest.mark.parametrize("method,params", CASES)
+def test_torch_kernels_give_the_numpy_bits(pair, method, params, monkeypatch):
+    import deltastream.device as device
+    from deltastream.methods import get_method
+
+    calls = []
+    original = device.edit_on_device
+    monkeypatch.setattr(device, "edit_on_device", lambda *a: calls.append(1) or original(*a))
+    _check(pair, "torch:cpu", method, params)
+    # the chunks of the edited tensors ran on the torch path where a kernel exists
+    assert bool(calls) == device.has_kernel(get_method(method, **params), "BF16")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("method,params", CASES)
+def test_cuda_gives_the_cpu_bits(pair, method, params):
+    _check(pair, "cuda", method, params)
+
+
+def test_device_names(pair):
+    from deltastream.device import resolve_device
+
+    assert resolve_device("auto") in ("cpu", "cuda")
+    with pytest.raises(ParameterError, match="--device must be auto, cpu or cuda"):
+        resolve_device("tpu")
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(ParameterError, match="torch sees no CUDA device"):
+            resolve_device("cuda")
