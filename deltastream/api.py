@@ -88,11 +88,15 @@ def edit(base: str, fine_tune: str, out: str, method: str | Method, *, chunk_siz
 
 
 def apply(base: str, artifact: str, out: str, *, max_shard_size: int | str = "5GB", overwrite: bool = False,
-          resume: bool = False, workers: int | None = None, scheduler: str | None = None,
+          resume: bool = False, device: str = "cpu", workers: int | None = None, scheduler: str | None = None,
           progress: bool | None = False, client: Any = None) -> str:
-    """Rebuild the (edited) fine-tune from base + artifact into the checkpoint folder ``out``."""
+    """Rebuild the (edited) fine-tune from base + artifact into the checkpoint folder ``out``;
+    ``device`` "cuda" (or "auto") decodes dare and 1-bit bitdelta chunks on the GPU."""
+    from .device import resolve_device
+
     return apply_job.apply(base, artifact, out, max_shard_size=parse_size(max_shard_size, "max shard size"),
-                           overwrite=overwrite, resume=resume, options=run_options(workers, scheduler, progress, client))
+                           overwrite=overwrite, resume=resume, options=run_options(workers, scheduler, progress, client),
+                           device=resolve_device(device))
 
 
 def verify(artifact: str, base: str | None = None, *, workers: int | None = None, scheduler: str | None = None,

@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="checkpoint folder to write")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="largest output shard, Hugging Face style (default: 5GB)")
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
+                   help="where dare and 1-bit bitdelta chunks are decoded: cuda (GPU, same bits), auto, cpu")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     _add_run_options(p)
 
@@ -223,7 +225,7 @@ def _command(args: argparse.Namespace) -> int:
     elif args.command == "apply":
         start = time.perf_counter()
         out = api.apply(args.base, args.artifact, args.output, max_shard_size=args.max_shard_size,
-                        overwrite=args.overwrite, resume=args.resume, **_run_kwargs(args))
+                        overwrite=args.overwrite, resume=args.resume, device=args.device, **_run_kwargs(args))
         print(f"wrote {out} in {time.perf_counter() - start:.1f}s")
     elif args.command == "info":
         summary = api.info(args.artifact)

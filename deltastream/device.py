@@ -18,7 +18,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["resolve_device", "has_kernel", "edit_on_device"]
+__all__ = ["resolve_device", "has_kernel", "has_decoder", "edit_on_device", "decode_on_device"]
 
 _TORCH_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 _local = threading.local()
@@ -54,6 +54,11 @@ def has_kernel(method, dtype_name: str) -> bool:
     if method.method_id == "bitdelta":
         return p.bits == 0 and p.residual == 0
     return method.method_id in ("dare", "biased", "extrapolate")
+
+
+def has_decoder(method, dtype_name: str) -> bool:
+    """Whether apply can decode this method's chunks on the device (the compact forms with a kernel)."""
+    return has_kernel(method, dtype_name) and method.method_id in ("dare", "bitdelta")
 
 
 def _staging(n: int, pinned: bool):
@@ -126,20 +131,77 @@ def _kernel(method, delta, ctx, device):
                                    torch.tensor(pos, dtype=f32, device=device))
     if method.method_id == "dare":
         keep = uniform_u32_torch(ctx.rng_key, ctx.start, ctx.stop, device=device) >= min(threshold_u32(p.p), 2**32 - 1)
-        if p.k == 0:
-            delta = delta * float(method.factor(ctx))
-            return torch.where(keep, delta, torch.zeros((), dtype=f32, device=device))
-        kept = float(np.float32((1 - p.k * p.p) / (1 - p.p)))
-        return delta * torch.where(keep, torch.tensor(kept, dtype=f32, device=device),
-                                   torch.tensor(float(np.float32(p.k)), dtype=f32, device=device))
+        return _dare_edit(method, delta, keep, ctx, device)
     # bitdelta, 1-bit
-    alpha = ctx.state["alpha"][0]
-    if p.per == "tensor":
-        scale = torch.tensor(float(np.float32(alpha)), dtype=f32, device=device)
-    else:
-        rows = np.asarray(alpha, np.float32)[np.arange(ctx.start, ctx.stop) // ctx.row_len]
-        scale = torch.from_numpy(rows).to(device)
-    edited = torch.where(delta >= 0, scale, -scale)
+    edited = _bitdelta_edit(method, delta >= 0, ctx, device)
     if p.zero == "keep":
         edited = torch.where(delta != 0, edited, torch.zeros((), dtype=f32, device=device))
     return edited
+
+
+def _dare_edit(method, delta, keep, ctx, device):
+    import torch
+
+    p, f32 = method.params, torch.float32
+    if p.k == 0:
+        delta = delta * float(method.factor(ctx))
+        return torch.where(keep, delta, torch.zeros((), dtype=f32, device=device))
+    kept = float(np.float32((1 - p.k * p.p) / (1 - p.p)))
+    return delta * torch.where(keep, torch.tensor(kept, dtype=f32, device=device),
+                               torch.tensor(float(np.float32(p.k)), dtype=f32, device=device))
+
+
+def _bitdelta_edit(method, positive, ctx, device):
+    """+-alpha by sign: alpha per tensor, or per row of the chunk's elements."""
+    import torch
+
+    alpha = ctx.state["alpha"][0]
+    if method.params.per == "tensor":
+        scale = torch.tensor(float(np.float32(alpha)), dtype=torch.float32, device=device)
+    else:
+        rows = np.asarray(alpha, np.float32)[np.arange(ctx.start, ctx.stop) // ctx.row_len]
+        scale = torch.from_numpy(rows).to(device)
+    return torch.where(positive, scale, -scale)
+
+
+def decode_on_device(method, base: np.ndarray, stored: dict, ctx, device: str) -> np.ndarray:
+    """apply's decode of one chunk with torch on ``device``: the output bit patterns."""
+    import torch
+
+    torch_device = torch.device("cpu" if device == "torch:cpu" else device)
+    n, width = ctx.size, 8 * ctx.dtype.itemsize
+    signed = {16: torch.int16, 32: torch.int32}[width]
+    fdtype = getattr(torch, _TORCH_DTYPE[ctx.dtype.name])
+    base_bits = torch.from_numpy(base.astype(np.int64)).to(torch_device)
+    b = base_bits.to(signed).view(fdtype).to(torch.float32)  # the int64 -> int16/32 cast wraps
+    p = method.params
+    if method.method_id == "dare":
+        from .rng import threshold_u32, uniform_u32_torch
+
+        keep = uniform_u32_torch(ctx.rng_key, ctx.start, ctx.stop, device=torch_device) >= \
+            min(threshold_u32(p.p), 2**32 - 1)
+        if p.k == 0:
+            zz = torch.zeros(n, dtype=torch.int64, device=torch_device)
+            kept = stored["kept"][: int(keep.sum())]
+            zz[keep] = torch.from_numpy(kept.astype(np.int64)).to(torch_device)
+        else:
+            zz = torch.from_numpy(stored["delta"][:n].astype(np.int64)).to(torch_device)
+        difference = (zz >> 1) ^ -(zz & 1)  # un-zigzag (values below 2^width: no sign to drag)
+        ft = ((base_bits + difference) & ((1 << width) - 1)).to(signed).view(fdtype).to(torch.float32)
+        edited = _dare_edit(method, ft - b, keep, ctx, torch_device)
+    else:  # 1-bit bitdelta
+        positive = _unpack(stored["signs0"], n, torch_device)
+        edited = _bitdelta_edit(method, positive, ctx, torch_device)
+        if p.zero == "keep":
+            edited = torch.where(_unpack(stored["nonzero"], n, torch_device), edited,
+                                 torch.zeros((), dtype=torch.float32, device=torch_device))
+    return (b + edited).to(fdtype).view(signed).cpu().numpy().view(ctx.dtype.bits)
+
+
+def _unpack(packed: np.ndarray, n: int, device):
+    """np.unpackbits on the device: bool[n], most significant bit first."""
+    import torch
+
+    data = torch.from_numpy(np.ascontiguousarray(packed[: -(-n // 8)])).to(device)
+    shifts = torch.arange(7, -1, -1, device=device, dtype=torch.uint8)
+    return ((data[:, None] >> shifts) & 1).reshape(-1)[:n].bool()

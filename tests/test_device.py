@@ -58,3 +58,35 @@ def test_device_names(pair):
     if not __import__("torch").cuda.is_available():
         with pytest.raises(ParameterError, match="torch sees no CUDA device"):
             resolve_device("cuda")
+
+
+APPLY_CASES = [("dare", {"p": 0.9}), ("dare", {"p": 0.5, "k": -0.5}), ("dare", {"p": 0.6, "rescale": "l1"}),
+               ("bitdelta", {}), ("bitdelta", {"per": "row", "zero": "keep"}), ("bitdelta", {"residual": 1}),
+               ("lossless", {})]
+
+
+def _check_apply(pair, device, method, params):
+    tmp, base, ft = pair
+    tag = f"{method}-{'-'.join(f'{k}{v}' for k, v in params.items())}"
+    art = ds.compress(base, ft, str(tmp / f"{tag}.dsz"), method, chunk_size=700, seed=3, overwrite=True, **params)
+    cpu = ds.apply(base, art, str(tmp / f"acpu-{tag}"), overwrite=True)
+    dev = ds.apply(base, art, str(tmp / f"adev-{tag}"), overwrite=True, device=device)
+    assert read_raw(dev) == read_raw(cpu)
+
+
+@pytest.mark.parametrize("method,params", APPLY_CASES)
+def test_torch_decoders_give_the_numpy_bits(pair, method, params, monkeypatch):
+    import deltastream.device as device
+    from deltastream.methods import get_method
+
+    calls = []
+    original = device.decode_on_device
+    monkeypatch.setattr(device, "decode_on_device", lambda *a: calls.append(1) or original(*a))
+    _check_apply(pair, "torch:cpu", method, params)
+    assert bool(calls) == device.has_decoder(get_method(method, **params), "BF16")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("method,params", APPLY_CASES)
+def test_cuda_decoders_give_the_cpu_bits(pair, method, params):
+    _check_apply(pair, "cuda", method, params)

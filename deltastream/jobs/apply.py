@@ -108,7 +108,7 @@ def check_base(manifest: Manifest, base: Checkpoint) -> None:
                                  f"base: wrong base for '{manifest.path}'")
 
 
-def _tasks(manifest: Manifest, base: Checkpoint | None, where=None) -> list[RebuildTask]:
+def _tasks(manifest: Manifest, base: Checkpoint | None, where=None, device: str = "cpu") -> list[RebuildTask]:
     tasks = []
     seed = manifest.doc.get("seed") or 0
     for entry in manifest.tensors:
@@ -119,7 +119,7 @@ def _tasks(manifest: Manifest, base: Checkpoint | None, where=None) -> list[Rebu
         binfo = base.tensors[entry.name] if base is not None and entry.base is not None else None
         for i, (start, stop) in enumerate(chunk_ranges(entry.numel, entry.chunk_elems)):
             ctx = ChunkContext(tensor=entry.name, dtype=entry.dtype, shape=entry.shape, start=start, stop=stop,
-                               index=i, seed=seed, rng_name=entry.rng_name, state=state)
+                               index=i, seed=seed, rng_name=entry.rng_name, state=state, device=device)
             tasks.append(RebuildTask(
                 root=manifest.path, entry_key=entry.key, ctx=ctx, base=binfo, base_numel=entry.base_numel,
                 base_crc=entry.base["chunk_crc32c"][i] if binfo is not None else None,
@@ -134,8 +134,10 @@ def _run(fn, tasks: list[RebuildTask], name: str, options: RunOptions, entries: 
 
 
 def apply(base: str, artifact: str, out: str, *, max_shard_size: int = DEFAULT_MAX_SHARD,
-          overwrite: bool = False, resume: bool = False, options: RunOptions = RunOptions()) -> str:
-    """Rebuild the fine-tune into the checkpoint folder ``out``; return its path."""
+          overwrite: bool = False, resume: bool = False, options: RunOptions = RunOptions(),
+          device: str = "cpu") -> str:
+    """Rebuild the fine-tune into the checkpoint folder ``out``; return its path. ``device`` "cuda"
+    decodes the chunks of dare and 1-bit bitdelta tensors on the GPU (the same bits)."""
     manifest = load_manifest(os.path.abspath(artifact))
     base_ckpt = open_checkpoint(base)
     check_base(manifest, base_ckpt)
@@ -148,7 +150,8 @@ def apply(base: str, artifact: str, out: str, *, max_shard_size: int = DEFAULT_M
         for name, key in manifest.side_files.items():
             with open(os.path.join(folder, name), "wb") as f:
                 f.write(read_side_file(manifest.path, key, name))  # names checked on load
-        _run(rebuild_chunk, _tasks(manifest, base_ckpt, writer.location), "apply", options, manifest.tensors)
+        _run(rebuild_chunk, _tasks(manifest, base_ckpt, writer.location, device), "apply", options,
+             manifest.tensors)
     return os.path.abspath(out)
 
 

@@ -234,6 +234,11 @@ class LossyMethod(Method):
         return self.encode_delta(delta, base, ft, ctx), post
 
     def decode(self, base, stored, ctx):
+        if ctx.device != "cpu":
+            from ..device import decode_on_device, has_decoder
+
+            if has_decoder(self, ctx.dtype.name):
+                return decode_on_device(self, base, stored, ctx, ctx.device)
         return self.output_bits(base, self.decode_delta(stored, base, ctx), ctx)
 
     def edit_bits(self, base, ft, ctx):
