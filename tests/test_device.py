@@ -21,6 +21,16 @@ def pair(tmp_path_factory):
     return tmp, *make_pair(str(tmp), SPECS, seed=4)
 
 
+def _counting(monkeypatch, name: str) -> list:
+    """Count the calls of deltastream.device.<name> (edit_bits and decode look it up at call time)."""
+    import deltastream.device as device
+
+    calls = []
+    original = getattr(device, name)
+    monkeypatch.setattr(device, name, lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
 def _check(pair, device, method, params):
     tmp, base, ft = pair
     tag = f"{method}-{'-'.join(f'{k}{v}' for k, v in params.items())}"
@@ -35,9 +45,7 @@ def test_torch_kernels_give_the_numpy_bits(pair, method, params, monkeypatch):
     import deltastream.device as device
     from deltastream.methods import get_method
 
-    calls = []
-    original = device.edit_on_device
-    monkeypatch.setattr(device, "edit_on_device", lambda *a: calls.append(1) or original(*a))
+    calls = _counting(monkeypatch, "edit_on_device")
     _check(pair, "torch:cpu", method, params)
     # the chunks of the edited tensors ran on the torch path where a kernel exists
     assert bool(calls) == device.has_kernel(get_method(method, **params), "BF16")
@@ -79,9 +87,7 @@ def test_torch_decoders_give_the_numpy_bits(pair, method, params, monkeypatch):
     import deltastream.device as device
     from deltastream.methods import get_method
 
-    calls = []
-    original = device.decode_on_device
-    monkeypatch.setattr(device, "decode_on_device", lambda *a: calls.append(1) or original(*a))
+    calls = _counting(monkeypatch, "decode_on_device")
     _check_apply(pair, "torch:cpu", method, params)
     assert bool(calls) == device.has_decoder(get_method(method, **params), "BF16")
 
