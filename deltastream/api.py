@@ -52,21 +52,24 @@ def effective_chunk_bytes(chunk_size: int | str | None, memory: int | str | None
 def compress(base: str, fine_tune: str | list[str], out: str, method: str | Method = "lossless", *,
              chunk_size: int | str | None = None, memory: int | str | None = None, seed: int = 0,
              include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), overwrite: bool = False,
-             resume: bool = False, workers: int | None = None, scheduler: str | None = None,
+             resume: bool = False, device: str = "cpu", workers: int | None = None, scheduler: str | None = None,
              progress: bool | None = False, client: Any = None, **params: Any) -> str:
     """Compress fine_tune's delta against base into the artifact ``out``; given a list of
     fine-tunes, write ``out/<name>.dsz`` for each in one pass over the base (returns the paths).
 
     ``method`` is a name (its parameters as keyword arguments, e.g. ``p=0.9``) or a Method;
-    ``include``/``exclude`` are glob patterns of tensor names (see ``deltastream.policy``).
+    ``include``/``exclude`` are glob patterns of tensor names (see ``deltastream.policy``);
+    ``device`` "cuda" (or "auto") encodes dare and 1-bit bitdelta chunks on the GPU.
     """
+    from .device import resolve_device
+
     m = method if isinstance(method, Method) else get_method(method, **params)
     options = run_options(workers, scheduler, progress, client)
     job = compress_job.compress if isinstance(fine_tune, str) else compress_job.compress_many
     return job(base, fine_tune, out, m,
                                  chunk_bytes=effective_chunk_bytes(chunk_size, memory, options, m), seed=seed,
                                  policy=Policy(tuple(include), tuple(exclude)), overwrite=overwrite,
-                                 resume=resume, options=options)
+                                 resume=resume, options=options, device=resolve_device(device))
 
 
 def edit(base: str, fine_tune: str, out: str, method: str | Method, *, chunk_size: int | str | None = None,

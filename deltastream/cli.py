@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "OUT is a folder of one artifact each, made in one pass over the base")
     p.add_argument("-o", "--output", required=True, metavar="OUT.dsz", help="artifact (or folder) to write")
     _add_method_options(p, default="lossless")
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
+                   help="where dare and 1-bit bitdelta chunks are encoded: cuda (GPU, same bytes), auto, cpu")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     _add_run_options(p)
 
@@ -200,7 +202,7 @@ def _command(args: argparse.Namespace) -> int:
             raise ParameterError("no fine-tune to compress: give FT paths or 'fine_tunes:' in --config")
         target = fine_tunes[0] if len(fine_tunes) == 1 else fine_tunes
         outs = api.compress(args.base, target, args.output, options.pop("method"), overwrite=args.overwrite,
-                            resume=args.resume, **options)
+                            resume=args.resume, device=args.device, **options)
         for out in [outs] if isinstance(outs, str) else outs:
             summary = api.info(out)
             print(f"wrote {out}: {format_size(summary['stored_bytes'])} for a "

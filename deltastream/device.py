@@ -18,7 +18,8 @@ import threading
 
 import numpy as np
 
-__all__ = ["resolve_device", "has_kernel", "has_decoder", "edit_on_device", "decode_on_device"]
+__all__ = ["resolve_device", "has_kernel", "has_decoder", "has_encoder", "edit_on_device", "decode_on_device",
+           "encode_on_device"]
 
 _TORCH_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 _local = threading.local()
@@ -59,6 +60,11 @@ def has_kernel(method, dtype_name: str) -> bool:
 def has_decoder(method, dtype_name: str) -> bool:
     """Whether apply can decode this method's chunks on the device (the compact forms with a kernel)."""
     return has_kernel(method, dtype_name) and method.method_id in ("dare", "bitdelta")
+
+
+def has_encoder(method, dtype_name: str) -> bool:
+    """Whether compress can encode this method's chunks on the device (per-row scales: CPU)."""
+    return has_decoder(method, dtype_name) and not (method.method_id == "bitdelta" and method.params.per == "row")
 
 
 def _staging(n: int, pinned: bool):
@@ -205,3 +211,70 @@ def _unpack(packed: np.ndarray, n: int, device):
     data = torch.from_numpy(np.ascontiguousarray(packed[: -(-n // 8)])).to(device)
     shifts = torch.arange(7, -1, -1, device=device, dtype=torch.uint8)
     return ((data[:, None] >> shifts) & 1).reshape(-1)[:n].bool()
+
+
+def encode_on_device(method, base: np.ndarray, ft: np.ndarray, ctx, device: str) -> tuple[dict, dict | None]:
+    """compress's encode of one chunk with torch on ``device``: (stored arrays, post statistics),
+    the same as the numpy method's, statistics exact (``deltastream.exact``'s fixed point)."""
+    import torch
+
+    torch_device = torch.device("cpu" if device == "torch:cpu" else device)
+    width = 8 * ctx.dtype.itemsize
+    signed = {16: torch.int16, 32: torch.int32}[width]
+    fdtype = getattr(torch, _TORCH_DTYPE[ctx.dtype.name])
+    base_bits = torch.from_numpy(base.astype(np.int64)).to(torch_device)
+    ft_bits = torch.from_numpy(ft.astype(np.int64)).to(torch_device)
+    b = base_bits.to(signed).view(fdtype).to(torch.float32)
+    delta = ft_bits.to(signed).view(fdtype).to(torch.float32) - b
+    p = method.params
+    if method.method_id == "dare":
+        from .rng import threshold_u32, uniform_u32_torch
+
+        keep = uniform_u32_torch(ctx.rng_key, ctx.start, ctx.stop, device=torch_device) >= \
+            min(threshold_u32(p.p), 2**32 - 1)
+        difference = (ft_bits - base_bits) & ((1 << width) - 1)  # mod 2^width, as unsigned
+        signed_diff = difference - ((difference >> (width - 1)) << width)  # two's complement value
+        zz = (signed_diff << 1) ^ (signed_diff >> (width - 1))  # zigzag: small magnitudes, small codes
+        zz = zz & ((1 << width) - 1)
+        stored = {"kept": zz[keep]} if p.k == 0 else {"delta": zz}
+        stored = {k: v.cpu().numpy().astype(ctx.dtype.bits) for k, v in stored.items()}
+        post = None
+        if p.rescale == "l1":
+            post = {"abs": _fixed_sum(delta), "abs_kept": _fixed_sum(delta[keep])}
+        return stored, post
+    # 1-bit bitdelta, one scale per tensor
+    stored = {"signs0": _pack(delta >= 0)}
+    nonzero = delta != 0 if p.zero == "keep" else None
+    if nonzero is not None:
+        stored["nonzero"] = _pack(nonzero)
+    post = {"abs": _fixed_sum(delta if nonzero is None else delta[nonzero]),
+            "count": int(delta.numel() if nonzero is None else int(nonzero.sum()))}
+    return stored, post
+
+
+def _pack(bits) -> np.ndarray:
+    """np.packbits on the device (most significant bit first), brought back as uint8."""
+    import torch
+
+    n = bits.numel()
+    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=bits.device)
+    padded[:n] = bits.to(torch.uint8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32, device=bits.device)
+    return (padded.view(-1, 8).to(torch.int32) * weights).sum(dim=1).to(torch.uint8).cpu().numpy()
+
+
+def _fixed_sum(values) -> int:
+    """deltastream.exact.magnitude_sum on the device: the same integer (units of 2^-56)."""
+    import torch
+
+    from .exact import HI_SHIFT, LO_SHIFT, magnitude_sum
+
+    mag = values.abs()
+    if mag.numel() == 0:
+        return 0
+    if not float(mag.max()) < 2.0 ** 16:  # the rare slow path: on the CPU
+        return magnitude_sum(mag.cpu().numpy())
+    wide = mag.to(torch.float64) * 2.0 ** HI_SHIFT
+    high = torch.floor(wide)
+    low = torch.floor((wide - high) * 2.0 ** (LO_SHIFT - HI_SHIFT))
+    return (int(high.to(torch.int64).sum()) << (LO_SHIFT - HI_SHIFT)) + int(low.to(torch.int64).sum())

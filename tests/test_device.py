@@ -96,3 +96,34 @@ def test_torch_decoders_give_the_numpy_bits(pair, method, params, monkeypatch):
 @pytest.mark.parametrize("method,params", APPLY_CASES)
 def test_cuda_decoders_give_the_cpu_bits(pair, method, params):
     _check_apply(pair, "cuda", method, params)
+
+
+def _chunk_files(art: str) -> dict:
+    import os
+
+    out = {}
+    for folder, _, files in os.walk(art):
+        for f in files:
+            if f.isdigit() or f.startswith("state."):
+                with open(os.path.join(folder, f), "rb") as fh:
+                    out[os.path.relpath(os.path.join(folder, f), art)] = fh.read()
+    return out
+
+
+@pytest.mark.parametrize("method,params", APPLY_CASES + [("bitdelta", {"per": "row"})])
+def test_torch_encoders_write_the_numpy_bytes(pair, method, params, monkeypatch):
+    import deltastream.device as device
+    from deltastream.methods import get_method
+
+    tmp, base, ft = pair
+    calls = _counting(monkeypatch, "encode_on_device")
+    tag = f"{method}-{'-'.join(f'{k}{v}' for k, v in params.items())}"
+    cpu = ds.compress(base, ft, str(tmp / f"ecpu-{tag}.dsz"), method, chunk_size=700, seed=3, overwrite=True,
+                      **params)
+    dev = ds.compress(base, ft, str(tmp / f"edev-{tag}.dsz"), method, chunk_size=700, seed=3, overwrite=True,
+                      device="torch:cpu", **params)
+    assert _chunk_files(dev) == _chunk_files(cpu)
+    assert [t["stored_bytes"] for t in ds.info(dev)["tensors"]] == [t["stored_bytes"] for t in ds.info(cpu)["tensors"]]
+    assert read_raw(ds.apply(base, dev, str(tmp / f"e-{tag}"), overwrite=True)) == \
+        read_raw(ds.apply(base, cpu, str(tmp / f"c-{tag}"), overwrite=True))
+    assert bool(calls) == device.has_encoder(get_method(method, **params), "BF16")

@@ -91,7 +91,7 @@ def _check_compact(method: Method) -> None:
 
 def compress(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
              seed: int = 0, policy: Policy = Policy(), overwrite: bool = False, resume: bool = False,
-             options: RunOptions = RunOptions()) -> str:
+             options: RunOptions = RunOptions(), device: str = "cpu") -> str:
     """Write the artifact of fine_tune's delta against base to ``out``; return its path.
     ``resume`` continues a killed run of the same job from its finished chunks."""
     _check_compact(method)
@@ -101,22 +101,23 @@ def compress(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes
     with job_output(out, overwrite=overwrite, inputs=[base_ckpt.path, ft_ckpt.path], resume=resume, plan=plan,
                     options=options) as (root, options):
         write_root_attrs(root, {})
-        _compress_one(base_ckpt, root, ft_ckpt, jobs, method, policy, seed, chunk_bytes, options)
+        _compress_one(base_ckpt, root, ft_ckpt, jobs, method, policy, seed, chunk_bytes, options, device)
     return os.path.abspath(out)
 
 
-def _compress_one(base_ckpt, root, ft, jobs, method, policy, seed, chunk_bytes, options) -> None:
+def _compress_one(base_ckpt, root, ft, jobs, method, policy, seed, chunk_bytes, options, device="cpu") -> None:
     """Passes then writes, one state batch at a time (bounded memory for low rank), then the manifest."""
     entries = []
     for batch in batches(jobs):
         run_stats_passes(batch, seed, options, post=False)
-        entries += _write_pass([(root, batch)], seed, options)[0]
+        entries += _write_pass([(root, batch)], seed, options, device)[0]
     _finish(root, base_ckpt, ft, entries, method, policy, seed, chunk_bytes)
 
 
 def compress_many(base: str, fine_tunes: list[str], out_dir: str, method: Method, *,
                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, seed: int = 0, policy: Policy = Policy(),
-                  overwrite: bool = False, resume: bool = False, options: RunOptions = RunOptions()) -> list[str]:
+                  overwrite: bool = False, resume: bool = False, options: RunOptions = RunOptions(),
+                  device: str = "cpu") -> list[str]:
     """One artifact per fine-tune, ``out_dir/<name>.dsz``, in one graph that reads each base chunk
     once for all of them (the cluster batch job); return their paths."""
     _check_compact(method)
@@ -135,9 +136,9 @@ def compress_many(base: str, fine_tunes: list[str], out_dir: str, method: Method
             outputs.append((root, ft, prepare_jobs(plan, method, policy, ft)))
         if any(j.method.lossy and j.method.pre_passes(j.plan.ft.shape) for _, _, jobs in outputs for j in jobs):
             for root, ft, jobs in outputs:  # stats passes first: one fine-tune at a time
-                _compress_one(base_ckpt, root, ft, jobs, method, policy, seed, chunk_bytes, options)
+                _compress_one(base_ckpt, root, ft, jobs, method, policy, seed, chunk_bytes, options, device)
         else:  # one write pass for all: each base chunk read once
-            entries = _write_pass([(root, jobs) for root, _, jobs in outputs], seed, options)
+            entries = _write_pass([(root, jobs) for root, _, jobs in outputs], seed, options, device)
             for (root, ft, _), ft_entries in zip(outputs, entries):
                 _finish(root, base_ckpt, ft, ft_entries, method, policy, seed, chunk_bytes)
     return [os.path.join(os.path.abspath(out_dir), n) for n in names]
@@ -155,7 +156,8 @@ def _artifact_names(fts) -> list[str]:
     return names
 
 
-def _write_pass(outputs: list[tuple[str, list[TensorJob]]], seed: int, options: RunOptions) -> list[list]:
+def _write_pass(outputs: list[tuple[str, list[TensorJob]]], seed: int, options: RunOptions,
+                device: str = "cpu") -> list[list]:
     """The write pass of one or more artifacts, sharing each base chunk read; the manifest
     entries of each output's tensors."""
     tasks: dict[tuple[str, int, int], list[Target]] = {}
@@ -169,7 +171,7 @@ def _write_pass(outputs: list[tuple[str, list[TensorJob]]], seed: int, options: 
             base_of[job.name] = (job.plan.base, job.plan.base_numel)
             for chunk in job.plan.chunks():
                 tasks.setdefault((job.name, chunk.start, chunk.stop), []).append(
-                    Target(root, key, job.plan.ft, job.method, job.context(chunk, seed), arrays))
+                    Target(root, key, job.plan.ft, job.method, job.context(chunk, seed, device=device), arrays))
     graph_tasks = [CompressTask(name, *base_of[name], tuple(targets)) for (name, _, _), targets in tasks.items()]
     results = run_reduce(compress_chunk, graph_tasks, group_of=lambda t: t.tensor, combine=combine_partials,
                          name="compress", options=options, total_bytes=sum(t.nbytes for t in graph_tasks),

@@ -229,6 +229,11 @@ class LossyMethod(Method):
         return self.encode_delta(self.delta(base, ft, ctx), base, ft, ctx)
 
     def encode_with_stats(self, base, ft, ctx):
+        if ctx.device != "cpu":
+            from ..device import encode_on_device, has_encoder
+
+            if has_encoder(self, ctx.dtype.name):
+                return encode_on_device(self, base, ft, ctx, ctx.device)
         delta = self.delta(base, ft, ctx)
         post = self.post_stats(delta, ctx)  # before encode_delta, which may reuse delta's memory
         return self.encode_delta(delta, base, ft, ctx), post
