@@ -14,6 +14,9 @@ MLP matrix and a 32000 x 2048 embedding, bf16) made on the spot:
 and it measures GB/s of bf16 input for the DARE and BitDelta kernels on the GPU (including the
 host-to-device copy of the chunk and the copy back, from pinned memory), and on the CPU with numpy.
 It loads rng.py by path, so it runs where deltastream's other dependencies are not installed.
+Where deltastream imports (its dependencies carried as wheels), it also runs the real jobs on a
+1B-shaped pair: ``compress`` (bitdelta, dare) and ``edit``/``apply`` with ``--device cuda``
+against the CPU, checking the bits and timing both (``--pair DIR`` reuses a pair).
 """
 
 from __future__ import annotations
@@ -144,8 +147,49 @@ def main() -> int:
         print(f"   speed, {name}: DARE {nbytes / t_dare / 1e9:.1f} GB/s, BitDelta {nbytes / t_bd / 1e9:.1f} GB/s of "
               f"bf16 input on the GPU (copies in and out included); numpy DARE on one CPU core "
               f"{nbytes / cpu_dare_s / 1e9:.2f} GB/s")
+    failures += jobs_check(sys.argv[sys.argv.index("--pair") + 1] if "--pair" in sys.argv else "/tmp/gpu-pair")
     print("all checks passed" if not failures else f"{failures} checks FAILED")
     return 1 if failures else 0
+
+
+def jobs_check(folder: str) -> int:
+    """The real compress/edit/apply with --device cuda against the CPU, on a 1B-shaped pair."""
+    sys.path.insert(0, os.path.join(HERE, ".."))
+    try:
+        import deltastream as ds
+        from deltastream.synthetic import write_pair
+    except ImportError as exc:
+        print(f"4. deltastream jobs: skipped (deltastream does not import here: {exc})")
+        return 0
+    start = time.perf_counter()
+    base, ft = write_pair(folder, "1B")
+    print(f"4. 1B pair ready in {time.perf_counter() - start:.0f} s")
+    gb = sum(os.path.getsize(os.path.join(d, f)) for d in (base, ft) for f in os.listdir(d)) / 1e9
+    failures = 0
+    for method, params in (("bitdelta", {}), ("dare", {"p": 0.9})):
+        times = {}
+        for device in ("cpu", "cuda"):
+            t0 = time.perf_counter()
+            art = ds.compress(base, ft, os.path.join(folder, f"{method}-{device}.dsz"), method, overwrite=True,
+                              device=device, **params)
+            t1 = time.perf_counter()
+            out = ds.apply(base, art, os.path.join(folder, f"{method}-{device}-out"), overwrite=True, device=device)
+            t2 = time.perf_counter()
+            edited = ds.edit(base, ft, os.path.join(folder, f"{method}-{device}-edit"), method, overwrite=True,
+                             device=device, **params)
+            times[device] = (t1 - t0, t2 - t1, time.perf_counter() - t2, out, edited)
+        from deltastream.checkpoint import open_checkpoint, read_bits
+
+        def same(a, b):
+            ca, cb = open_checkpoint(a), open_checkpoint(b)
+            return all(np.array_equal(read_bits(t, 0, t.numel), read_bits(cb.tensors[n], 0, t.numel))
+                       for n, t in ca.tensors.items())
+        ok = same(times["cpu"][3], times["cuda"][3]) and same(times["cpu"][4], times["cuda"][4])
+        failures += not ok
+        c, g = times["cpu"], times["cuda"]
+        print(f"4. {method}: cuda == cpu bits: {ok}; compress {gb / c[0]:.2f} -> {gb / g[0]:.2f} GB/s, "
+              f"apply {c[1]:.1f} -> {g[1]:.1f} s, edit {c[2]:.1f} -> {g[2]:.1f} s (cpu -> cuda)")
+    return failures
 
 
 if __name__ == "__main__":
