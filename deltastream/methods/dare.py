@@ -39,7 +39,7 @@ RESCALES = ("inverse", "l1", "none")
 
 def keep_mask(ctx: ChunkContext, p: float) -> np.ndarray:
     """True where the element is kept: its 32-bit draw is at or above p * 2^32."""
-    draws = uniform_u32(ctx.rng_key, ctx.start, ctx.stop)
+    draws = uniform_u32(ctx.rng_key, ctx.start, ctx.stop, out=scratch("dare.draws", ctx.size, np.uint32))
     return draws >= np.uint32(min(threshold_u32(p), 2**32 - 1)) if p < 1 else np.zeros(ctx.size, bool)
 
 
