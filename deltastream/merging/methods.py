@@ -149,12 +149,16 @@ def combine(base: np.ndarray, deltas: list[np.ndarray], weights: list[float], sp
         elect = terms[0].copy()
         for x in terms[1:]:
             elect += x
-        positive = elect >= 0  # the elected sign; a sum of 0 elects +
+        sign = np.where(elect >= 0, np.float32(1), np.float32(-1))  # the elected sign; a sum of 0 elects +
         divisor = np.zeros_like(base)
+        prod = np.empty_like(base)
         for x, wi in zip(terms, w):
-            agree = np.where(positive, x > 0, x < 0)  # a zero never agrees
-            np.add(mixed, x, out=mixed, where=agree)
-            np.add(divisor, np.float32(1) if official else wi, out=divisor, where=agree)
+            np.multiply(x, sign, out=prod)  # > 0 exactly where x agrees (a zero never does)
+            agree = prod > 0
+            np.maximum(prod, 0, out=prod)
+            prod *= sign  # x where it agrees, a zero elsewhere: no masked (slow) ufunc loops
+            mixed += prod
+            divisor += agree * (np.float32(1) if official else wi)
         if official or normalize:
             divisor[divisor == 0] = 1
             mixed /= divisor
