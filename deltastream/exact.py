@@ -71,12 +71,13 @@ def _slow_sum(mag: np.ndarray) -> FixedSum:
 def magnitude_sum(values: np.ndarray, mask: np.ndarray | None = None) -> FixedSum:
     """Sum of |values| (float32) where mask (if given) is true, in units of 2^-56."""
     mag = np.abs(values)
-    if mask is not None:
-        mag = mag[mask]
+    if mask is not None:  # unselected values count as zeros: no compaction of the chunk
+        np.multiply(mag, mask, out=mag)
     if mag.size == 0:
         return 0
-    if not float(mag.max()) < 2.0 ** 16:
-        return _slow_sum(np.ascontiguousarray(mag, dtype=np.float32))
+    if not float(mag.max()) < 2.0 ** 16:  # rare: huge, infinite or NaN values; only the selected count
+        selected = np.abs(values)[mask] if mask is not None else mag
+        return _slow_sum(np.ascontiguousarray(selected, dtype=np.float32))
     high, low = _split_sums(mag)
     return (int(high[0]) << (LO_SHIFT - HI_SHIFT)) + int(low[0])
 
