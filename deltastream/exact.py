@@ -72,7 +72,8 @@ def magnitude_sum(values: np.ndarray, mask: np.ndarray | None = None) -> FixedSu
     """Sum of |values| (float32) where mask (if given) is true, in units of 2^-56."""
     mag = np.abs(values)
     if mask is not None:  # unselected values count as zeros: no compaction of the chunk
-        np.multiply(mag, mask, out=mag)
+        with np.errstate(invalid="ignore"):  # an unselected inf or NaN becomes NaN: handled below
+            np.multiply(mag, mask, out=mag)
     if mag.size == 0:
         return 0
     if not float(mag.max()) < 2.0 ** 16:  # rare: huge, infinite or NaN values; only the selected count
