@@ -17,6 +17,7 @@ from . import api
 from ._version import __version__
 from .errors import DeltastreamError, Interrupted
 from .config import load_job_config
+from .engine.graph import local_cluster
 from .errors import ParameterError
 from .jobs.info import format_info
 from .methods import METHODS, get_method
@@ -39,6 +40,12 @@ def _add_run_options(p: argparse.ArgumentParser, resume: bool = True) -> None:
         g.add_argument("--resume", action="store_true",
                        help="continue a killed run of the same job from its finished chunks (OUT.partial); "
                             "an interrupted --resume run keeps its partial output for the next")
+
+
+def _add_device_option(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
+                   help=f"where dare and 1-bit bitdelta chunks are {verb}: cuda (the GPU, the CPU's bits), "
+                        "auto (cuda when torch sees one), cpu (default)")
 
 
 def _add_method_options(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -74,8 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "OUT is a folder of one artifact each, made in one pass over the base")
     p.add_argument("-o", "--output", required=True, metavar="OUT.dsz", help="artifact (or folder) to write")
     _add_method_options(p, default="lossless")
-    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
-                   help="where dare and 1-bit bitdelta chunks are encoded: cuda (GPU, same bytes), auto, cpu")
+    _add_device_option(p, "encoded")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     _add_run_options(p)
 
@@ -86,8 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_options(p, default=None)
     p.add_argument("--max-shard-size", default=None, metavar="SIZE",
                    help="largest output shard, Hugging Face style (default: 5GB)")
-    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
-                   help="where each chunk is edited: cuda (GPU, same bits), auto (cuda when present), cpu")
+    _add_device_option(p, "edited (biased and extrapolate chunks too)")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     _add_run_options(p)
 
@@ -112,8 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="checkpoint folder to write")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="largest output shard, Hugging Face style (default: 5GB)")
-    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
-                   help="where dare and 1-bit bitdelta chunks are decoded: cuda (GPU, same bits), auto, cpu")
+    _add_device_option(p, "decoded")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     _add_run_options(p)
 
@@ -161,10 +165,9 @@ def _cluster(args: argparse.Namespace):
     kind, _, n = spec.partition(":")
     if kind != "local" or not n.isdigit() or int(n) < 1:
         raise ParameterError(f"--cluster expects local:N (N worker processes), not {spec!r}")
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    with LocalCluster(n_workers=int(n), threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster, set_as_default=False) as client:
+    with local_cluster(int(n)) as cluster, Client(cluster, set_as_default=False) as client:
         args.client = client
         yield
 

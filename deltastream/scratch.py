@@ -1,8 +1,8 @@
 """Per-thread scratch buffers, reused from chunk to chunk.
 
-Allocating a fresh chunk-sized buffer is slow here (first-touch page faults run at ~0.8 GB/s,
-and glibc maps every large allocation anew) and makes private memory creep as the allocator
-fragments. A task that needs a temporary array takes one from its thread's pool instead: the
+Filling a fresh chunk-sized buffer costs its page faults (3x slower than refilling a reused one
+here: benchmarks/micro.py; glibc maps every large allocation anew) and makes private memory creep
+as the allocator fragments (apply's peak rose over a run before the pool: benchmarks/README.md). A task that needs a temporary array takes one from its thread's pool instead: the
 pool holds one buffer per tag, grown to the largest chunk seen, so private memory is set by
 chunk size x workers and stays flat for the whole run.
 

@@ -134,8 +134,9 @@ def _has_header(path: str, header: bytes, size: int) -> bool:
 def _check_free_space(folder: str, needed: int) -> None:
     """Fail before the heavy work when the disk cannot hold the output.
 
-    Not posix_fallocate: on ext4 writing into fallocated (unwritten) extents ran at 0.47 GB/s
-    against 5 GB/s into a sparse file. A disk that fills up during the run still fails cleanly,
+    Not posix_fallocate: reserving brought no measurable speed here (benchmarks/micro.py; page-cache
+    writes vary 3-10x from run to run with the kernel's writeback of earlier runs, whichever comes
+    first), and it costs a full pass of extent allocation. A disk that fills up during the run still fails cleanly,
     at the write that hits it.
     """
     stat = os.statvfs(folder)

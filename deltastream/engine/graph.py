@@ -23,7 +23,7 @@ from dask.callbacks import Callback
 from .journal import Journal, journaled
 from .progress import Progress
 
-__all__ = ["RunOptions", "run_tasks", "run_reduce", "default_workers"]
+__all__ = ["RunOptions", "run_tasks", "run_reduce", "default_workers", "local_cluster"]
 
 
 def default_workers() -> int:
@@ -130,6 +130,13 @@ class _ProgressCallback(Callback):
         self._progress.advance(self._sizes.get(key, 0))
 
 
+def local_cluster(n: int):
+    """A LocalCluster of n single-threaded worker processes (one chunk in flight per process)."""
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+
+
 def _run_distributed(graph, keys, sizes, progress, options: RunOptions) -> list[dict]:
     from distributed import Client, as_completed
 
@@ -137,10 +144,7 @@ def _run_distributed(graph, keys, sizes, progress, options: RunOptions) -> list[
     if options.client is not None:
         client = options.client
     elif options.scheduler.startswith("local:"):  # a LocalCluster of N worker processes, for this run
-        from distributed import LocalCluster
-
-        n = int(options.scheduler.split(":", 1)[1])
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+        cluster = local_cluster(int(options.scheduler.split(":", 1)[1]))
         client = Client(cluster, set_as_default=False)
     else:
         client = Client(options.scheduler, set_as_default=False)

@@ -23,7 +23,8 @@ from ..plan import Chunk, TensorPlan
 from ..policy import Policy
 from ..scratch import scratch
 
-__all__ = ["TensorJob", "batches", "prepare_jobs", "read_pair", "read_pair_base", "run_stats_passes", "tied_aliases"]
+__all__ = ["StatsTask", "TensorJob", "batches", "prepare_jobs", "read_pair", "read_pair_base", "run_stats_passes",
+           "stats_chunk", "tied_aliases"]
 
 _EXACT = Lossless()
 
@@ -156,5 +157,3 @@ def run_stats_passes(jobs: list[TensorJob], seed: int, options: RunOptions, *, p
             else:
                 j.state = j.method.finalize_pre(i, combined[j.method.stats_group(i, j.name)], j.state)
 
-
-__all__ += ["StatsTask", "stats_chunk"]

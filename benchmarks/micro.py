@@ -1,0 +1,115 @@
+"""The small measurements the code's comments quote, reproducible in one run.
+
+    python benchmarks/micro.py
+
+- CRC-32C (google-crc32c) GB/s;
+- the element RNG: blocked (rng.uniform_u32) against the same hash as whole-array expressions;
+- first touch of a fresh 256 MiB buffer against writing into a reused one;
+- 1 GiB of 4 MiB pwrites into a sparse file against a posix_fallocate'd one;
+- one lossless compress chunk written through zarr's setitem against deltastream's direct encoding.
+
+Writes benchmarks/results/micro.md.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+from deltastream.rng import _M1, _M2, tensor_key, uniform_u32
+
+MB = 1e6
+
+
+def timed(fn, repeat: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def whole_array_hash(key, n):
+    """The RNG as plain numpy expressions on the whole range (how it was first written)."""
+    h = np.arange(n, dtype=np.uint32) ^ np.uint32(key[0])
+    for r in range(2):
+        h ^= h >> np.uint32(16)
+        h *= np.uint32(_M1)
+        h ^= h >> np.uint32(15)
+        h *= np.uint32(_M2)
+        h ^= h >> np.uint32(16)
+        if r == 0:
+            h ^= np.uint32(key[1])
+    return h
+
+
+def main() -> None:
+    rows = []
+    import google_crc32c
+
+    data = np.random.default_rng(0).integers(0, 255, 256 << 20, dtype=np.uint8)
+    rows.append(("CRC-32C, 256 MiB", f"{data.nbytes / timed(lambda: google_crc32c.value(data)) / 1e9:.1f} GB/s"))
+
+    key, n = tensor_key(0, "w"), 16 << 20
+    assert np.array_equal(uniform_u32(key, 0, n), whole_array_hash(key, n))
+    blocked = n / timed(lambda: uniform_u32(key, 0, n)) / MB
+    whole = n / timed(lambda: whole_array_hash(key, n)) / MB
+    rows.append(("element RNG, blocked (uniform_u32)", f"{blocked:.0f} M draws/s"))
+    rows.append(("element RNG, whole-array expressions", f"{whole:.0f} M draws/s ({blocked / whole:.1f}x slower)"))
+
+    reused = np.empty(256 << 20, np.uint8)
+    fresh = (256 << 20) / timed(lambda: np.ones(256 << 20, np.uint8)) / 1e9
+    again = (256 << 20) / timed(lambda: reused.fill(1)) / 1e9
+    rows.append(("256 MiB: fresh buffer (first touch)", f"{fresh:.2f} GB/s; reused buffer {again:.2f} GB/s"))
+
+    folder = tempfile.mkdtemp(dir=os.environ.get("MICRO_DIR", "bench-data" if os.path.isdir("bench-data") else None))
+    try:
+        block = np.random.default_rng(1).integers(0, 255, 4 << 20, dtype=np.uint8)
+        for how in ("sparse", "fallocate"):
+            path = os.path.join(folder, how)
+
+            def write():
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+                if how == "fallocate":
+                    os.posix_fallocate(fd, 0, 1 << 30)
+                else:
+                    os.ftruncate(fd, 1 << 30)
+                for off in range(0, 1 << 30, 4 << 20):
+                    os.pwrite(fd, block, off)
+                os.close(fd)
+            rows.append((f"1 GiB of pwrites into a {how} file", f"{(1 << 30) / timed(write, 2) / 1e9:.2f} GB/s"))
+
+        import zarr
+
+        from deltastream.artifact.codecs import PRESETS
+        from deltastream.artifact.store import create_arrays, write_chunk
+        from deltastream.methods import StoredArray
+
+        chunk = (np.random.default_rng(2).integers(0, 64, 8 << 20) ).astype(np.uint16)
+        spec = StoredArray("delta", np.dtype(np.uint16), chunk.size, chunk.size * 8, "delta")
+        root = os.path.join(folder, "a.zarr")
+        create_arrays(root, "t", [spec])
+        array = zarr.open_array(store=root, path="t/delta", mode="r+").with_config({"write_empty_chunks": True})
+        via_zarr = timed(lambda: array.__setitem__(slice(0, chunk.size), chunk))
+        direct = timed(lambda: write_chunk(root, "t", spec, 1, chunk))
+        rows.append(("16 MiB chunk, zarr setitem", f"{chunk.nbytes / via_zarr / 1e9:.2f} GB/s"))
+        rows.append(("16 MiB chunk, direct encode + write", f"{chunk.nbytes / direct / 1e9:.2f} GB/s "
+                     f"({via_zarr / direct:.1f}x faster); preset {PRESETS['delta'].blosc}"))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    text = "# Micro-measurements\n\n```\npython benchmarks/micro.py\n```\n\n| what | measured |\n|---|---|\n" + \
+        "\n".join(f"| {a} | {b} |" for a, b in rows) + "\n"
+    os.makedirs("benchmarks/results", exist_ok=True)
+    with open("benchmarks/results/micro.md", "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
