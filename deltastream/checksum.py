@@ -1,11 +1,16 @@
-"""CRC-32C of array bytes (hardware-accelerated, ~17 GB/s here: benchmarks/micro.py): chunk fingerprints and checks."""
+"""CRC-32C of array bytes: chunk fingerprints and checks.
+
+The ``crc32c`` package: hardware-accelerated (~16 GB/s per core here, benchmarks/micro.py) and it
+releases the GIL, so two workers checksum two chunks at once (google-crc32c, which zarr uses,
+holds the GIL: with it, checksums and the page faults of reading the inputs ran one at a time).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 
-import google_crc32c
+import crc32c as _crc32c
 import numpy as np
 
 __all__ = ["crc32c", "digest"]
@@ -14,7 +19,7 @@ __all__ = ["crc32c", "digest"]
 def crc32c(data: np.ndarray) -> int:
     if data.size == 0:
         return 0
-    return int(google_crc32c.value(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
+    return _crc32c.crc32c(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
 
 
 def digest(obj: object) -> str:

@@ -6,7 +6,8 @@ These sums do not: every |x| is cut at a fixed-point grid of 2^-56 into a high p
 of 2^-20) and a low part, each summed in int64 with no rounding at all; partials then add as
 Python integers, and the total is rounded to float once. The result is the sum of |x| truncated
 to multiples of 2^-56 (1.4e-17): exact for every delta a checkpoint holds, and bit for bit the
-same whether computed from 16 MiB chunks on 2 threads or 4 KiB chunks on a cluster. Values of
+same whether computed from 16 MiB chunks on 2 threads or 4 KiB chunks on a cluster. The parts
+are taken from the float32 bit patterns with integer shifts in one fused pass (kernels.py). Values of
 2^16 or more (never a fine-tuning delta) take a slower path by exponent buckets, exact too.
 """
 
@@ -16,42 +17,13 @@ import math
 
 import numpy as np
 
-__all__ = ["FixedSum", "magnitude_sum", "row_magnitude_sums", "total"]
+from . import kernels
+
+__all__ = ["FixedSum", "combine_parts", "magnitude_sum", "row_magnitude_sums", "total"]
 
 HI_SHIFT, LO_SHIFT = 20, 56  # grid of the high part and of the whole
 FixedSum = int  # a sum in units of 2^-56
-
-
-_BLOCK = 1 << 15  # elements per step: the float64 temporaries stay in cache
-
-
-def _split_sums(mag: np.ndarray, rows: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Sums of the (high, low) int64 parts of |x| (float32, < 2^16), per row of ``rows`` equal
-    rows, where |x| ~= high*2^-20 + low*2^-56 exactly up to the grid."""
-    mag = mag.reshape(rows, -1)
-    n = mag.shape[1]
-    high_sum = np.zeros(rows, np.int64)
-    low_sum = np.zeros(rows, np.int64)
-    step = max(1, _BLOCK // n) if n < _BLOCK else 1
-    width = min(n, _BLOCK)
-    wide = np.empty((step, width), np.float64)
-    high = np.empty((step, width), np.float64)
-    ints = np.empty((step, width), np.int64)
-    for r in range(0, rows, step):
-        r1 = min(rows, r + step)
-        for c in range(0, n, width):
-            c1 = min(n, c + width)
-            w, h, i = wide[: r1 - r, : c1 - c], high[: r1 - r, : c1 - c], ints[: r1 - r, : c1 - c]
-            np.multiply(mag[r:r1, c:c1], 2.0 ** HI_SHIFT, out=w)
-            np.floor(w, out=h)
-            w -= h  # exact: the low bits of a 24-bit mantissa
-            w *= 2.0 ** (LO_SHIFT - HI_SHIFT)
-            np.floor(w, out=w)
-            np.copyto(i, h, casting="unsafe")
-            high_sum[r:r1] += i.sum(axis=1)
-            np.copyto(i, w, casting="unsafe")
-            low_sum[r:r1] += i.sum(axis=1)
-    return high_sum, low_sum
+_NO_MASK = np.zeros(1, bool)
 
 
 def _slow_sum(mag: np.ndarray) -> FixedSum:
@@ -68,30 +40,37 @@ def _slow_sum(mag: np.ndarray) -> FixedSum:
     return sum(m << max(max(e, 1) - 150 + LO_SHIFT, 0) for e, m in enumerate(per_exp))
 
 
+def combine_parts(high: int, low: int) -> FixedSum:
+    """The fixed-point sum of kernels.split_sums' (high, low) parts."""
+    return (int(high) << (LO_SHIFT - HI_SHIFT)) + int(low)
+
+
 def magnitude_sum(values: np.ndarray, mask: np.ndarray | None = None) -> FixedSum:
     """Sum of |values| (float32) where mask (if given) is true, in units of 2^-56."""
-    mag = np.abs(values)
-    if mask is not None:  # unselected values count as zeros: no compaction of the chunk
-        with np.errstate(invalid="ignore"):  # an unselected inf or NaN becomes NaN: handled below
-            np.multiply(mag, mask, out=mag)
-    if mag.size == 0:
-        return 0
-    if not float(mag.max()) < 2.0 ** 16:  # rare: huge, infinite or NaN values; only the selected count
-        selected = np.abs(values)[mask] if mask is not None else mag
-        return _slow_sum(np.ascontiguousarray(selected, dtype=np.float32))
-    high, low = _split_sums(mag)
-    return (int(high[0]) << (LO_SHIFT - HI_SHIFT)) + int(low[0])
+    values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    bits = values.view(np.uint32)
+    if mask is not None:
+        mask = np.ascontiguousarray(mask, dtype=bool).reshape(-1)
+    fixed, big = 0, 0
+    for s in range(0, bits.size, kernels.SEGMENT):
+        part = slice(s, s + kernels.SEGMENT)
+        high, low, n_big = kernels.split_sums(bits[part], mask[part] if mask is not None else _NO_MASK,
+                                              mask is not None)
+        fixed += combine_parts(high, low)
+        big += n_big
+    if big:  # rare: huge, infinite or NaN values; only the selected count
+        return _slow_sum(np.abs(values if mask is None else values[mask]))
+    return fixed
 
 
 def row_magnitude_sums(values: np.ndarray, row_len: int) -> list[FixedSum]:
     """The magnitude sum of each full row of a chunk (values.size % row_len == 0)."""
-    mag = np.abs(values).reshape(-1, row_len)
-    if mag.size and not float(mag.max()) < 2.0 ** 16:
-        return [_slow_sum(np.ascontiguousarray(r, dtype=np.float32)) for r in mag]
-    if mag.size == 0:
-        return [0] * mag.shape[0]
-    high, low = _split_sums(mag, mag.shape[0])
-    return [(h << (LO_SHIFT - HI_SHIFT)) + lo for h, lo in zip(high.tolist(), low.tolist())]
+    rows = np.ascontiguousarray(values, dtype=np.float32).reshape(-1, row_len)
+    high = np.empty(rows.shape[0], np.int64)
+    low = np.empty(rows.shape[0], np.int64)
+    if row_len <= kernels.SEGMENT and not kernels.row_split_sums(rows.view(np.uint32), high, low):
+        return [combine_parts(h, lo) for h, lo in zip(high.tolist(), low.tolist())]
+    return [magnitude_sum(r) for r in rows]
 
 
 def total(fixed: FixedSum) -> float:

@@ -3,7 +3,8 @@
 Random edits (DARE masks, DELLA sampling) draw one 32-bit value per element from
 ``uniform_u32(key, start, stop)``, where ``key = tensor_key(seed, name)``. The value of element i
 depends on nothing else: not the chunking, the worker count, the scheduler, the device, or which
-other tensors or models are in the run. numpy (CPU) and torch (any device) compute the same bits.
+other tensors or models are in the run. A numba kernel (CPU) and torch (any device) compute the
+same bits, and tests/test_rng.py checks both against a plain numpy form of the hash.
 
 The mixer is Chris Wellons' ``lowbias32`` integer hash (bias ~0.17, among the best 32-bit
 two-round hashes), applied as a keyed chain over the index's low and high 32-bit halves:
@@ -17,10 +18,11 @@ import hashlib
 
 import numpy as np
 
-__all__ = ["tensor_key", "uniform_u32", "uniform_u32_torch", "threshold_u32"]
+from . import kernels
+from .kernels import M1 as _M1
+from .kernels import M2 as _M2
 
-_M1 = 0x7FEB352D
-_M2 = 0x846CA68B
+__all__ = ["tensor_key", "uniform_u32", "uniform_u32_torch", "threshold_u32"]
 
 
 def tensor_key(seed: int, name: str) -> tuple[int, int]:
@@ -29,46 +31,14 @@ def tensor_key(seed: int, name: str) -> tuple[int, int]:
     return int.from_bytes(h[:4], "little"), int.from_bytes(h[4:], "little")
 
 
-_BLOCK = 1 << 16  # elements hashed per step: the block and its temporary stay in cache
-_COUNTER = np.arange(_BLOCK, dtype=np.uint32)
-
-
-def _mix_np(x: np.ndarray, tmp: np.ndarray) -> np.ndarray:
-    """lowbias32 in place on a uint32 array (numpy multiplies wrap mod 2^32); ``tmp`` is scratch."""
-    np.right_shift(x, np.uint32(16), out=tmp)
-    x ^= tmp
-    x *= np.uint32(_M1)
-    np.right_shift(x, np.uint32(15), out=tmp)
-    x ^= tmp
-    x *= np.uint32(_M2)
-    np.right_shift(x, np.uint32(16), out=tmp)
-    x ^= tmp
-    return x
-
-
 def uniform_u32(key: tuple[int, int], start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
     """The uint32 draws of elements [start, stop) of the tensor with this key (into ``out``).
 
-    Hashed in cache-sized blocks with one reused temporary: 3.4x faster than the same hash as
-    whole-array numpy expressions (benchmarks/micro.py: 778 vs 226 M draws/s per core).
-    """
+    A fused kernel (kernels.draws): ~6x the blocked numpy form of the same hash, which
+    tests/test_rng.py keeps as the reference."""
     if out is None:
         out = np.empty(max(0, stop - start), np.uint32)
-    tmp = np.empty(_BLOCK, np.uint32)
-    k0 = np.uint32(key[0])
-    pos = start
-    while pos < stop:
-        hi, lo = divmod(pos, 1 << 32)
-        # a block never crosses a multiple of 2^32: its elements share the index's high half
-        end = min(stop, pos + _BLOCK, (hi + 1) << 32)
-        n = end - pos
-        h = out[pos - start: end - start]
-        np.add(_COUNTER[:n], np.uint32(lo), out=h)
-        h ^= k0
-        _mix_np(h, tmp[:n])
-        h ^= np.uint32((hi ^ key[1]) & 0xFFFFFFFF)
-        _mix_np(h, tmp[:n])
-        pos = end
+    kernels.draws(key[0], key[1], start, out[: max(0, stop - start)])
     return out
 
 

@@ -17,7 +17,7 @@ import os
 import threading
 from dataclasses import dataclass
 
-import google_crc32c
+import crc32c
 import numpy as np
 from numcodecs import Blosc, Zstd
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
@@ -78,7 +78,7 @@ def encode_chunk(data: np.ndarray, preset: Preset) -> tuple[bytes | np.ndarray, 
     data = np.ascontiguousarray(data)
     codec = preset.numcodec()
     payload = codec.encode(data) if codec is not None else data.view(np.uint8)
-    return payload, google_crc32c.value(payload).to_bytes(4, "little")
+    return payload, crc32c.crc32c(payload).to_bytes(4, "little")
 
 
 def decode_chunk(raw: bytes, preset: Preset, out: np.ndarray) -> np.ndarray:
@@ -86,7 +86,7 @@ def decode_chunk(raw: bytes, preset: Preset, out: np.ndarray) -> np.ndarray:
     if len(raw) < 4:
         raise ChecksumError(f"chunk is {len(raw)} bytes, too short for its checksum")
     payload = np.frombuffer(raw, np.uint8, count=len(raw) - 4)  # a view; crc32c takes arrays
-    if google_crc32c.value(payload) != int.from_bytes(raw[-4:], "little"):
+    if crc32c.crc32c(payload) != int.from_bytes(raw[-4:], "little"):
         raise ChecksumError("stored and computed CRC-32C differ")
     codec = preset.numcodec()
     if codec is None:

@@ -27,7 +27,8 @@ import numpy as np
 from ..errors import ParameterError
 from ..exact import magnitude_sum, total
 from ..params import check_range, field
-from ..rng import threshold_u32, uniform_u32
+from .. import kernels
+from ..rng import threshold_u32
 from ..scratch import scratch
 from .base import ChunkContext, LossyMethod, StoredArray
 from .lossless import unzigzag, zigzag
@@ -37,10 +38,16 @@ __all__ = ["Dare", "Biased", "keep_mask", "exact_delta"]
 RESCALES = ("inverse", "l1", "none")
 
 
+def keep_threshold(p: float) -> int:
+    """Elements whose 32-bit draw is at or above this are kept (p < 1)."""
+    return min(threshold_u32(p), 2**32 - 1)
+
+
 def keep_mask(ctx: ChunkContext, p: float) -> np.ndarray:
     """True where the element is kept: its 32-bit draw is at or above p * 2^32."""
-    draws = uniform_u32(ctx.rng_key, ctx.start, ctx.stop, out=scratch("dare.draws", ctx.size, np.uint32))
-    return draws >= np.uint32(min(threshold_u32(p), 2**32 - 1)) if p < 1 else np.zeros(ctx.size, bool)
+    keep = scratch("dare.keep", ctx.size, bool)
+    kernels.keep_draws(*ctx.rng_key, ctx.start, ctx.size, keep_threshold(p), keep)
+    return keep
 
 
 def exact_delta(base: np.ndarray, ft: np.ndarray, out_tag: str = "dare.bits") -> np.ndarray:
@@ -95,11 +102,18 @@ class Dare(LossyMethod):
             return np.float32(1.0 / (1.0 - p.p))
         return np.float32(ctx.state.get("factor", 1.0)) if p.rescale == "l1" else np.float32(1.0)
 
+    def encode_with_stats(self, base, ft, ctx):
+        if ctx.device == "cpu" and self.params.k == 0 and self.params.rescale != "l1":
+            return self.encode_delta(None, base, ft, ctx), None  # no float delta needed at all
+        return super().encode_with_stats(base, ft, ctx)
+
     def encode_delta(self, delta, base, ft, ctx):
-        zz = exact_delta(base, ft)
         if self.params.k != 0:
-            return {"delta": zz}
-        return {"kept": zz[keep_mask(ctx, self.params.p)]}
+            return {"delta": exact_delta(base, ft)}
+        kept = scratch("dare.bits", ft.size, ft.dtype)  # one fused pass: draw, compare, diff, compact
+        count = kernels.dare_compact(base, ft, *ctx.rng_key, ctx.start, keep_threshold(self.params.p),
+                                     ft.dtype.itemsize * 8, kept)
+        return {"kept": kept[:count]}
 
     def edit_delta(self, delta, ctx):
         """The same bits as decode(encode()), with one draw of the mask instead of two."""
@@ -116,13 +130,15 @@ class Dare(LossyMethod):
 
     def decode_delta(self, stored, base, ctx):
         keep = keep_mask(ctx, self.params.p)
+        zz = scratch("dare.bits", ctx.size, base.dtype)
         if self.params.k != 0:
-            zz = scratch("dare.bits", ctx.size, base.dtype)
             zz[...] = stored["delta"][: ctx.size]
         else:
-            zz = scratch("dare.bits", ctx.size, base.dtype)
-            zz[...] = 0
-            zz[keep] = stored["kept"][: int(keep.sum())]
+            kept = stored["kept"]
+            count = kernels.dare_expand(kept, keep, zz)
+            if count > kept.size:
+                raise ValueError(f"tensor {ctx.tensor!r} chunk {ctx.index}: {kept.size} kept entries stored, "
+                                 f"but the seed keeps {count}: wrong seed or a corrupt artifact")
         return self._apply_mask(delta_from_bits(base, zz, ctx, self), keep, ctx)
 
 

@@ -1,0 +1,223 @@
+"""Fused CPU kernels (numba): one pass over a chunk where numpy needs five to ten.
+
+numpy runs each step of a method (widen, subtract, hash, compare, compact, zigzag, split into
+fixed-point parts, sum) as its own pass over a chunk-sized array; on 2 cores that made BitDelta
+and DARE compress run at 1/10 to 1/15 of the speed of reading their inputs. These kernels do the
+same arithmetic element by element in one pass, in cache, without the GIL, and give the same bits
+as the numpy definitions they replace (tests/test_kernels.py checks each against them):
+
+* :func:`split_sums`, :func:`row_split_sums` - the exact magnitude sums of deltastream.exact,
+  in integer arithmetic on the float32 bit patterns;
+* :func:`draws`, :func:`keep_draws` - the element RNG (deltastream.rng) and DARE's keep mask;
+* :func:`dare_compact` - DARE's encode: the kept entries' zigzagged bit differences, compacted;
+* :func:`dare_expand` - DARE's decode: the kept entries back in their places;
+* :func:`bf16_signs` - BitDelta's encode on BF16: packed signs of f32(ft) - f32(base), and the
+  exact sum of their magnitudes.
+
+Compiled on first use and cached on disk (``cache=True``), so only a new install pays the
+compile (a few seconds).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
+
+__all__ = ["split_sums", "row_split_sums", "draws", "keep_draws", "dare_compact", "dare_expand", "bf16_signs"]
+
+_U32 = np.uint64(0xFFFFFFFF)
+M1, M2 = 0x7FEB352D, 0x846CA68B  # lowbias32's multipliers (deltastream.rng)
+_M1 = np.uint64(M1)
+_M2 = np.uint64(M2)
+GRID_SHIFT = 94  # a float32 with biased exponent e is mantissa * 2^(max(e, 1) - 94) units of 2^-56
+_LOW_BITS = 36  # low part: 2^-56 .. 2^-20 (deltastream.exact's LO_SHIFT - HI_SHIFT)
+_LOW_MASK = (1 << _LOW_BITS) - 1
+_BIG_EXPONENT = 143  # |x| >= 2^16: the high part could overflow
+
+_jit = numba.njit(nogil=True, cache=True, boundscheck=False)
+
+
+# --- bit casts and bit scans numba lacks for scalars (plain LLVM instructions) ---------------------
+@intrinsic
+def _as_f32(typingctx, bits):
+    """The float32 whose bit pattern is the uint32 ``bits``."""
+    return types.float32(types.uint32), lambda context, builder, sig, args: builder.bitcast(args[0], ir.FloatType())
+
+
+@intrinsic
+def _as_u32(typingctx, value):
+    """The bit pattern of the float32 ``value``."""
+    return types.uint32(types.float32), lambda context, builder, sig, args: builder.bitcast(args[0], ir.IntType(32))
+
+
+@intrinsic
+def _ctz64(typingctx, word):
+    """The number of trailing zero bits of a non-zero uint64."""
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        fn = builder.module.declare_intrinsic("llvm.cttz", [i64], ir.FunctionType(i64, [i64, ir.IntType(1)]))
+        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 0)])
+    return types.uint64(types.uint64), codegen
+
+
+@_jit
+def _mix(x):
+    """lowbias32 on a value held in uint64 (all arithmetic mod 2^32, as deltastream.rng)."""
+    x ^= x >> np.uint64(16)
+    x = (x * _M1) & _U32
+    x ^= x >> np.uint64(15)
+    x = (x * _M2) & _U32
+    x ^= x >> np.uint64(16)
+    return x
+
+
+@_jit
+def _draw(k0, k1, index):
+    lo = np.uint64(index) & _U32
+    hi = np.uint64(index) >> np.uint64(32)
+    return _mix(_mix(lo ^ k0) ^ ((hi ^ k1) & _U32))
+
+
+SEGMENT = 1 << 26  # elements per kernel call of a sum: int64 partials stay below 2^62
+
+
+@_jit
+def _parts(bits, weight):
+    """|x| (float32 bit pattern) on the 2^-56 grid, truncated, as (high, low, big) int64 with
+    |x| ~= high * 2^-20 + low * 2^-56 (deltastream.exact); big = 1 for |x| >= 2^16, inf or NaN,
+    which the caller sums by the slow exact path. Times weight (0 or 1). Branch-free: vectorizes."""
+    a = np.int64(bits & np.uint32(0x7FFFFFFF))
+    e = a >> 23
+    mant = ((a & 0x7FFFFF) | (np.int64(e > 0) << 23)) * weight
+    s = max(e, 1) - GRID_SHIFT  # |x| = mant * 2^s grid units
+    high = (mant >> min(max(_LOW_BITS - s, 0), 63)) << max(s - _LOW_BITS, 0)
+    low = ((mant << max(s, 0)) >> min(max(-s, 0), 63)) & _LOW_MASK
+    return high, low, np.int64(e >= _BIG_EXPONENT) * weight
+
+
+@_jit
+def split_sums(values_u32, mask, use_mask):
+    """Sums of _parts over float32 bit patterns, where mask (if use_mask): (high, low, big)."""
+    high = np.int64(0)
+    low = np.int64(0)
+    big = np.int64(0)
+    for i in range(values_u32.size):
+        h, lo, b = _parts(values_u32[i], np.int64(mask[i]) if use_mask else np.int64(1))
+        high += h
+        low += lo
+        big += b
+    return high, low, big
+
+
+@_jit
+def row_split_sums(rows_u32, high, low):
+    """Per-row sums of _parts of a 2-D array of float32 bit patterns; returns the big count."""
+    big = np.int64(0)
+    for r in range(rows_u32.shape[0]):
+        h_sum = np.int64(0)
+        l_sum = np.int64(0)
+        for i in range(rows_u32.shape[1]):
+            h, lo, b = _parts(rows_u32[r, i], np.int64(1))
+            h_sum += h
+            l_sum += lo
+            big += b
+        high[r] = h_sum
+        low[r] = l_sum
+    return big
+
+
+@_jit
+def draws(k0, k1, start, out):
+    """out[i] = the element RNG's draw of element start + i (deltastream.rng.uniform_u32)."""
+    k0 = np.uint64(k0)
+    k1 = np.uint64(k1)
+    for i in range(out.size):
+        out[i] = _draw(k0, k1, start + i)
+
+
+@_jit
+def keep_draws(k0, k1, start, n, threshold, out):
+    """out[i] = draw(start + i) >= threshold (DARE's keep mask); returns the kept count."""
+    k0 = np.uint64(k0)
+    k1 = np.uint64(k1)
+    t = np.uint64(threshold)
+    kept = 0
+    for i in range(n):
+        keep = _draw(k0, k1, start + i) >= t
+        out[i] = keep
+        kept += keep
+    return kept
+
+
+@_jit
+def dare_compact(base, ft, k0, k1, start, threshold, bits, out):
+    """DARE encode: out[:kept] = zigzag(ft - base) of the kept elements, in order; returns kept.
+
+    base and ft are unsigned bit patterns (uint8..uint64) of ``bits`` bits. The keep decisions
+    of 64 elements go into one word whose set bits are then visited: no per-element branch to
+    mispredict on a random mask, and no work on the dropped elements."""
+    k0 = np.uint64(k0)
+    k1 = np.uint64(k1)
+    t = np.uint64(threshold)
+    width = np.uint64(bits)
+    full = np.uint64(0xFFFFFFFFFFFFFFFF) >> (np.uint64(64) - width)
+    top = width - np.uint64(1)
+    kept = 0
+    for s in range(0, ft.size, 64):
+        word = np.uint64(0)
+        for b in range(min(ft.size - s, 64)):
+            word |= np.uint64(_draw(k0, k1, start + s + b) >= t) << np.uint64(b)
+        while word:
+            i = s + np.int64(_ctz64(word))
+            word &= word - np.uint64(1)
+            d = (np.uint64(ft[i]) - np.uint64(base[i])) & full
+            out[kept] = ((d << np.uint64(1)) ^ (np.uint64(0) - (d >> top))) & full
+            kept += 1
+    return kept
+
+
+@_jit
+def dare_expand(kept_values, keep, out):
+    """DARE decode: kept_values in order to the kept positions of out, zeros elsewhere (the stored
+    chunk is padded: its tail is ignored). Returns the number of kept positions; when
+    kept_values is shorter than that, nothing is written."""
+    count = 0
+    for i in range(keep.size):
+        count += np.int64(keep[i])
+    if count > kept_values.size:
+        return count
+    j = 0
+    for i in range(keep.size):
+        if keep[i]:
+            out[i] = kept_values[j]
+            j += 1
+        else:
+            out[i] = 0
+    return count
+
+
+@_jit
+def bf16_signs(base, ft, packed):
+    """BitDelta 1-bit encode of a BF16 chunk in one pass: (high, low, big) as split_sums of |delta|.
+
+    packed[j] bit 7-b = (delta[8j + b] >= 0), big bit order as np.packbits, where delta =
+    f32(ft) - f32(base) rounded to float32 (a NaN packs 0, as numpy's ``NaN >= 0``)."""
+    n = ft.size
+    high = np.int64(0)
+    low = np.int64(0)
+    big = np.int64(0)
+    for j in range((n + 7) // 8):
+        byte = np.uint32(0)
+        for b in range(min(8, n - 8 * j)):
+            i = 8 * j + b
+            d = _as_f32(np.uint32(ft[i]) << np.uint32(16)) - _as_f32(np.uint32(base[i]) << np.uint32(16))
+            byte |= np.uint32(d >= 0) << np.uint32(7 - b)
+            h, lo, bg = _parts(_as_u32(d), np.int64(1))
+            high += h
+            low += lo
+            big += bg
+        packed[j] = byte
+    return high, low, big

@@ -1,0 +1,142 @@
+"""The fused kernels give exactly the bits of the plain definitions they replace, written here
+directly: numpy expressions, and exact rational arithmetic for the magnitude sums."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from deltastream import kernels
+from deltastream.exact import magnitude_sum, row_magnitude_sums
+from deltastream.methods.lossless import zigzag
+from deltastream.rng import tensor_key, threshold_u32, uniform_u32
+
+M1, M2 = 0x7FEB352D, 0x846CA68B
+
+
+def reference_draws(key, start, n):
+    """The element RNG as whole-array numpy (uint64 arithmetic, masked to 32 bits)."""
+    index = np.arange(start, start + n, dtype=np.uint64)
+    mask = np.uint64(0xFFFFFFFF)
+
+    def mix(x):
+        x = x ^ (x >> np.uint64(16))
+        x = (x * np.uint64(M1)) & mask
+        x = x ^ (x >> np.uint64(15))
+        x = (x * np.uint64(M2)) & mask
+        return x ^ (x >> np.uint64(16))
+
+    h = mix((index & mask) ^ np.uint64(key[0]))
+    return mix(h ^ (((index >> np.uint64(32)) ^ np.uint64(key[1])) & mask)).astype(np.uint32)
+
+
+def reference_sum(values, mask=None):
+    """sum of |x| truncated to multiples of 2^-56, in exact rationals."""
+    chosen = values if mask is None else values[mask]
+    return sum(int(abs(Fraction(float(x))) * 2**56) for x in chosen)
+
+
+finite_f32 = arrays(np.float32, st.integers(0, 300),
+                    elements=st.floats(-70000, 70000, width=32, allow_subnormal=True))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), start=st.integers(0, 2**40), n=st.integers(0, 700))
+def test_draws_equal_the_numpy_hash(seed, start, n):
+    key = tensor_key(seed, "w")
+    assert np.array_equal(uniform_u32(key, start, start + n), reference_draws(key, start, n))
+
+
+def test_draws_across_the_32_bit_index_boundary():
+    key = tensor_key(3, "t")
+    assert np.array_equal(uniform_u32(key, 2**32 - 100, 2**32 + 100), reference_draws(key, 2**32 - 100, 200))
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=finite_f32, data=st.data())
+def test_magnitude_sums_are_exact(values, data):
+    mask = data.draw(arrays(bool, values.size))
+    assert magnitude_sum(values) == reference_sum(values)
+    assert magnitude_sum(values, mask) == reference_sum(values, mask)
+
+
+def test_magnitude_sums_of_tiny_huge_and_special_values():
+    values = np.array([0.0, -0.0, 1e-45, -1e-40, 2.0**-57, 3e-17, 1.5, 65535.9, 65536.0, 3e38], np.float32)
+    assert magnitude_sum(values) == reference_sum(values)
+    with pytest.raises(OverflowError):
+        magnitude_sum(np.array([1.0, np.inf], np.float32))
+    masked = np.array([1.0, np.nan, 2.0], np.float32)
+    assert magnitude_sum(masked, np.array([True, False, True])) == 3 * 2**56
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 6), row_len=st.integers(1, 40), data=st.data())
+def test_row_sums_are_exact(rows, row_len, data):
+    values = data.draw(arrays(np.float32, rows * row_len, elements=st.floats(-1e5, 1e5, width=32)))
+    assert row_magnitude_sums(values, row_len) == [reference_sum(r) for r in values.reshape(rows, row_len)]
+
+
+def bf16_pattern(values):
+    return (np.asarray(values, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 100), data=st.data())
+def test_bf16_signs_equal_packbits_and_the_exact_sum(n, data):
+    base = data.draw(arrays(np.uint16, n))  # every bf16 pattern: zeros, subnormals, inf, NaN
+    ft = data.draw(arrays(np.uint16, n))
+    wide = lambda b: (b.astype(np.uint32) << 16).view(np.float32)  # noqa: E731
+    with np.errstate(invalid="ignore", over="ignore"):
+        delta = wide(ft) - wide(base)
+    packed = np.empty((n + 7) // 8, np.uint8)
+    high, low, big = kernels.bf16_signs(base, ft, packed)
+    with np.errstate(invalid="ignore"):
+        assert np.array_equal(packed, np.packbits(delta >= 0))
+    huge = ~(np.abs(delta) < 2**16)
+    assert big == huge.sum()
+    if not big:
+        assert (int(high) << 36) + int(low) == reference_sum(delta)
+
+
+def test_bf16_signs_of_typical_deltas():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(10_001).astype(np.float32) * 0.02
+    base, ft = bf16_pattern(w), bf16_pattern(w + rng.standard_normal(w.size).astype(np.float32) * 1e-3)
+    delta = (ft.astype(np.uint32) << 16).view(np.float32) - (base.astype(np.uint32) << 16).view(np.float32)
+    packed = np.empty(1251, np.uint8)
+    high, low, big = kernels.bf16_signs(base, ft, packed)
+    assert big == 0 and np.array_equal(packed, np.packbits(delta >= 0))
+    assert (int(high) << 36) + int(low) == magnitude_sum(delta) == reference_sum(delta)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64])
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.9, 0.999])
+def test_dare_compact_and_expand_equal_the_masked_reference(dtype, p):
+    rng = np.random.default_rng(1)
+    n, start = 5003, 2**32 - 2000  # the chunk crosses the RNG's 32-bit index boundary
+    info = np.iinfo(dtype)
+    base = rng.integers(0, info.max, n, dtype=dtype, endpoint=True)
+    ft = rng.integers(0, info.max, n, dtype=dtype, endpoint=True)
+    key = tensor_key(9, "layers.0.w")
+    threshold = min(threshold_u32(p), 2**32 - 1)
+    keep = reference_draws(key, start, n) >= threshold
+
+    out = np.empty(n, dtype)
+    kept = kernels.dare_compact(base, ft, *key, start, threshold, info.bits, out)
+    assert np.array_equal(out[:kept], zigzag(ft - base)[keep])
+
+    mask = np.empty(n, bool)
+    assert kernels.keep_draws(*key, start, n, threshold, mask) == keep.sum()
+    assert np.array_equal(mask, keep)
+
+    padded = np.concatenate([out[:kept], np.full(7, 99, dtype)])  # a stored chunk is padded
+    back = np.full(n, 5, dtype)
+    assert kernels.dare_expand(padded, keep, back) == kept
+    assert np.array_equal(back, np.where(keep, zigzag(ft - base), 0))
+    if kept:  # too few stored entries: reported, nothing written
+        untouched = np.full(n, 5, dtype)
+        assert kernels.dare_expand(out[: kept - 1], keep, untouched) == kept
+        assert (untouched == 5).all()
