@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import ParameterError
 from .. import kernels
-from ..exact import combine_parts, magnitude_sum, row_magnitude_sums, total
+from ..exact import magnitude_sum, row_magnitude_sums, total
 from ..params import check_range, field
 from ..scratch import scratch
 from .base import ChunkContext, LossyMethod
@@ -186,9 +186,9 @@ class BitDelta(LossyMethod):
         if (ctx.device == "cpu" and ctx.dtype.name == "BF16" and not self._blocks and p.per == "tensor"
                 and self.levels == 1 and p.zero == "plus"):  # BitDelta itself: one fused pass
             signs = scratch("bitdelta.signs", math.ceil(ctx.size / 8), np.uint8)
-            high, low, big = kernels.bf16_signs(base, ft, signs)
-            if not big:  # else a delta of 2^16 or more (or inf or NaN): the general path
-                return {"signs0": signs}, {"abs": combine_parts(high, low), "count": ctx.size}
+            delta = scratch("lossy.delta", ctx.size, np.float32)
+            kernels.bf16_delta_signs(base, ft, delta, signs)
+            return {"signs0": signs}, {"abs": magnitude_sum(delta), "count": ctx.size}
         return super().encode_with_stats(base, ft, ctx)
 
     def encode_delta(self, delta, base, ft, ctx):
