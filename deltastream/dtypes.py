@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DType", "DTYPES", "dtype_by_name", "to_float32"]
+from . import kernels
+
+__all__ = ["DType", "DTYPES", "dtype_by_name", "to_float32", "from_float32"]
 
 
 @dataclass(frozen=True)
@@ -81,21 +83,10 @@ def to_float32(bits: np.ndarray, dtype: DType, out: np.ndarray | None = None) ->
 
 def from_float32(values: np.ndarray, dtype: DType, out: np.ndarray | None = None) -> np.ndarray:
     """Round float32 values to a float dtype's bit patterns, to nearest even (as torch does)."""
-    if dtype.name == "BF16":
-        bits = values.view(np.uint32)
+    if dtype.name == "BF16":  # NaN stays NaN: rounding could carry its payload into infinity
         if out is None:
             out = np.empty(values.shape, np.uint16)
-        rounded = scratch_u32(values.size)
-        np.right_shift(bits, 16, out=rounded)
-        np.bitwise_and(rounded, 1, out=rounded)
-        rounded += 0x7FFF
-        rounded += bits
-        np.right_shift(rounded, 16, out=rounded)
-        out[...] = rounded
-        # NaN stays NaN: rounding could carry a NaN's payload into the infinity pattern
-        nan = np.isnan(values)
-        if nan.any():
-            out[nan] = (bits[nan] >> 16).astype(np.uint16) | 0x40
+        kernels.bf16_round(np.ascontiguousarray(values, np.float32).reshape(-1), out.reshape(-1))
         return out
     if dtype.numpy is None or not dtype.is_float:
         raise TypeError(f"dtype {dtype.name} has no float32 rounding")
@@ -104,8 +95,3 @@ def from_float32(values: np.ndarray, dtype: DType, out: np.ndarray | None = None
     out.view(dtype.numpy)[...] = values
     return out
 
-
-def scratch_u32(n: int) -> np.ndarray:
-    from .scratch import scratch
-
-    return scratch("dtypes.round", n, np.uint32)

@@ -11,7 +11,12 @@ as the numpy definitions they replace (tests/test_kernels.py checks each against
 * :func:`draws`, :func:`keep_draws` - the element RNG (deltastream.rng) and DARE's keep mask;
 * :func:`dare_compact` - DARE's encode: the kept entries' zigzagged bit differences, compacted;
 * :func:`dare_expand` - DARE's decode: the kept entries back in their places;
-* :func:`bf16_delta_signs` - BitDelta's encode on BF16: f32(ft) - f32(base) and its packed signs.
+* :func:`dare_bf16_output` - DARE's whole apply or edit of a BF16 chunk, from the draws to the
+  rounded output;
+* :func:`bf16_delta_signs` - BitDelta's encode on BF16: f32(ft) - f32(base) and its packed signs;
+* :func:`add_signed` - BitDelta's decode: one level of +-alpha from packed signs;
+* :func:`bf16_round`, :func:`bf16_add_round` - float32 to bf16, to nearest even (every lossy
+  method's output: base + edited delta, rounded).
 
 Compiled on first use and cached on disk (``cache=True``), so only a new install pays the
 compile (a few seconds).
@@ -25,7 +30,8 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-__all__ = ["split_sums", "row_split_sums", "draws", "keep_draws", "dare_compact", "dare_expand", "bf16_delta_signs"]
+__all__ = ["split_sums", "row_split_sums", "draws", "keep_draws", "dare_compact", "dare_expand", "dare_bf16_output", "bf16_delta_signs",
+           "add_signed", "bf16_round", "bf16_add_round"]
 
 _U32 = np.uint64(0xFFFFFFFF)
 M1, M2 = 0x7FEB352D, 0x846CA68B  # lowbias32's multipliers (deltastream.rng)
@@ -44,6 +50,12 @@ _jit = numba.njit(nogil=True, cache=True, boundscheck=False)
 def _as_f32(typingctx, bits):
     """The float32 whose bit pattern is the uint32 ``bits``."""
     return types.float32(types.uint32), lambda context, builder, sig, args: builder.bitcast(args[0], ir.FloatType())
+
+
+@intrinsic
+def _as_u32(typingctx, value):
+    """The bit pattern of the float32 ``value``."""
+    return types.uint32(types.float32), lambda context, builder, sig, args: builder.bitcast(args[0], ir.IntType(32))
 
 
 @intrinsic
@@ -207,3 +219,77 @@ def bf16_delta_signs(base, ft, delta, packed):
             delta[i] = d
             byte |= np.uint32(d >= 0) << np.uint32(7 - b)
         packed[j] = byte
+
+
+@_jit
+def _round_bf16(value):
+    """float32 -> bf16 bit pattern, to nearest even; a NaN stays a (quiet) NaN (dtypes.from_float32)."""
+    bits = _as_u32(value)
+    if value != value:
+        return np.uint16((bits >> np.uint32(16)) | np.uint32(0x40))
+    return np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@_jit
+def bf16_round(values, out):
+    """out = the bf16 bit patterns of float32 values, rounded to nearest even."""
+    for i in range(values.size):
+        out[i] = _round_bf16(values[i])
+
+
+@_jit
+def bf16_add_round(base, edited, out):
+    """out = round_bf16(edited + f32(base)): a lossy method's output from its edited delta."""
+    for i in range(edited.size):
+        out[i] = _round_bf16(edited[i] + _as_f32(np.uint32(base[i]) << np.uint32(16)))
+
+
+@_jit
+def add_signed(packed, alpha, per_element, edited):
+    """edited[i] += +alpha or -alpha by the packed sign bit i (alpha[i] if per_element, else
+    alpha[0]): one BitDelta level, decoded."""
+    for i in range(edited.size):
+        a = alpha[i] if per_element else alpha[0]
+        bit = (packed[i >> 3] >> (7 - (i & 7))) & 1
+        edited[i] = edited[i] + (a if bit else -a)
+
+
+@_jit
+def _kept_bf16(base_bits, ft_bits, factor):
+    """A kept element's output: round(((f32(ft) - f32(base)) * factor) + f32(base))."""
+    b = _as_f32(np.uint32(base_bits) << np.uint32(16))
+    return _round_bf16((_as_f32(np.uint32(ft_bits) << np.uint32(16)) - b) * factor + b)
+
+
+@_jit
+def dare_bf16_output(base, source, compact, k0, k1, start, threshold, factor, out):
+    """DARE's output for a BF16 chunk (k = 0) in one pass: dropped elements give
+    round(0 + f32(base)), kept ones round(delta * factor + f32(base)), as the numpy path.
+
+    source is the fine-tune's bit patterns (edit), or with ``compact`` the stored kept entries,
+    zigzagged, in order (apply; the chunk is padded). Returns the kept count; if it exceeds
+    source.size nothing past the first shortfall is trusted (the caller raises)."""
+    k0 = np.uint64(k0)
+    k1 = np.uint64(k1)
+    t = np.uint64(threshold)
+    zero = np.float32(0)
+    for i in range(base.size):
+        out[i] = _round_bf16(zero + _as_f32(np.uint32(base[i]) << np.uint32(16)))
+    kept = 0
+    for s in range(0, base.size, 64):
+        word = np.uint64(0)
+        for b in range(min(base.size - s, 64)):
+            word |= np.uint64(_draw(k0, k1, start + s + b) >= t) << np.uint64(b)
+        while word:
+            i = s + np.int64(_ctz64(word))
+            word &= word - np.uint64(1)
+            if compact:
+                if kept >= source.size:
+                    return kept + 1
+                z = np.uint32(source[kept])
+                ft_bits = (np.uint32(base[i]) + ((z >> np.uint32(1)) ^ (np.uint32(0) - (z & np.uint32(1))))) & np.uint32(0xFFFF)
+            else:
+                ft_bits = np.uint32(source[i])
+            out[i] = _kept_bf16(base[i], ft_bits, factor)
+            kept += 1
+    return kept

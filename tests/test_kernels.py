@@ -138,3 +138,73 @@ def test_dare_compact_and_expand_equal_the_masked_reference(dtype, p):
         untouched = np.full(n, 5, dtype)
         assert kernels.dare_expand(out[: kept - 1], keep, untouched) == kept
         assert (untouched == 5).all()
+
+
+def reference_bf16(values):
+    """float32 -> bf16 to nearest even, in numpy; a NaN keeps its sign and payload top, made quiet."""
+    bits = values.view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(values), (bits >> 16).astype(np.uint16) | 0x40, rounded)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), n=st.integers(0, 200))
+def test_bf16_rounding_and_the_fused_output(data, n):
+    values = data.draw(arrays(np.uint32, n)).view(np.float32)  # every float32, NaNs and infinities too
+    base = data.draw(arrays(np.uint16, n))
+    out = np.empty(n, np.uint16)
+    kernels.bf16_round(values, out)
+    assert np.array_equal(out, reference_bf16(values))
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = reference_bf16(values + widen(base))
+    kernels.bf16_add_round(base, values, out)
+    assert np.array_equal(out, expected)
+
+
+def test_bf16_rounding_matches_torch():
+    torch = pytest.importorskip("torch")
+    values = np.random.default_rng(2).integers(0, 2**32, 100_000, dtype=np.uint32).view(np.float32)
+    out = np.empty(values.size, np.uint16)
+    kernels.bf16_round(values, out)
+    ours = out[~np.isnan(values)]
+    theirs = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)[~np.isnan(values)]
+    assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("per_element", [False, True])
+def test_add_signed_equals_alpha_times_sign(per_element):
+    rng = np.random.default_rng(4)
+    n = 1001
+    packed = rng.integers(0, 256, (n + 7) // 8, dtype=np.uint8)
+    alpha = rng.random(n).astype(np.float32) if per_element else np.array([0.0], np.float32)
+    start = rng.standard_normal(n).astype(np.float32)
+    edited = start.copy()
+    kernels.add_signed(packed, alpha, per_element, edited)
+    sign = np.where(np.unpackbits(packed, count=n).astype(bool), np.float32(1), np.float32(-1))
+    expected = start + (alpha if per_element else alpha[0]) * sign
+    assert np.array_equal(edited.view(np.uint32), expected.view(np.uint32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), n=st.integers(0, 300), p=st.sampled_from([0.0, 0.5, 0.9]),
+       factor=st.floats(0.5, 20, width=32))
+def test_dare_bf16_output_equals_the_numpy_formula(data, n, p, factor):
+    base = data.draw(arrays(np.uint16, n))  # any bf16, specials included
+    ft = data.draw(arrays(np.uint16, n))
+    key, start = tensor_key(1, "w"), 2**32 - 150
+    threshold = min(threshold_u32(p), 2**32 - 1)
+    keep = reference_draws(key, start, n) >= threshold
+    factor = np.float32(factor)
+    with np.errstate(invalid="ignore", over="ignore"):
+        edited = np.where(keep, (widen(ft) - widen(base)) * factor, np.float32(0))
+        expected = reference_bf16(edited + widen(base))
+    out = np.empty(n, np.uint16)
+    assert kernels.dare_bf16_output(base, ft, False, *key, start, threshold, factor, out) == keep.sum()
+    assert np.array_equal(out, expected)
+    stored = np.concatenate([zigzag(ft - base)[keep], np.zeros(3, np.uint16)])  # padded, as stored
+    out[:] = 0
+    assert kernels.dare_bf16_output(base, stored, True, *key, start, threshold, factor, out) == keep.sum()
+    assert np.array_equal(out, expected)
+    if keep.sum():  # fewer entries stored than the seed keeps: reported
+        assert kernels.dare_bf16_output(base, stored[: keep.sum() - 1], True, *key, start, threshold,
+                                        factor, out) > keep.sum() - 1

@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .. import kernels
 from ..dtypes import DType, from_float32, to_float32
 from ..errors import ParameterError
 from ..params import describe_params, parse_params
@@ -222,6 +223,10 @@ class LossyMethod(Method):
 
     def output_bits(self, base: np.ndarray, edited: np.ndarray, ctx: ChunkContext) -> np.ndarray:
         """round(f32(base) + edited) in the tensor's dtype (edited is overwritten)."""
+        if ctx.dtype.name == "BF16":  # one fused pass
+            out = scratch("lossy.out", base.size, ctx.dtype.bits)
+            kernels.bf16_add_round(base, edited, out)
+            return out
         edited += to_float32(base, ctx.dtype, out=scratch("lossy.base", base.size, np.float32))
         return from_float32(edited, ctx.dtype, out=scratch("lossy.out", base.size, ctx.dtype.bits))
 

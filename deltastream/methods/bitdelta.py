@@ -211,8 +211,8 @@ class BitDelta(LossyMethod):
         edited = scratch("bitdelta.edited", ctx.size, np.float32)
         edited[...] = 0
         for j in range(self.levels):
-            sign = np.where(unpack(stored[f"signs{j}"], ctx.size), np.float32(1), np.float32(-1))
-            edited += self._alpha_of(j, ctx) * sign
+            alpha = np.atleast_1d(np.asarray(self._alpha_of(j, ctx), np.float32))
+            kernels.add_signed(stored[f"signs{j}"], alpha, alpha.size > 1, edited)
         if self.params.zero == "keep":
             edited[~unpack(stored["nonzero"], ctx.size)] = 0
         return edited

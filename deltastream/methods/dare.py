@@ -115,6 +115,29 @@ class Dare(LossyMethod):
                                      ft.dtype.itemsize * 8, kept)
         return {"kept": kept[:count]}
 
+    def _fused_output(self, base, source, compact, ctx) -> np.ndarray | None:
+        """The whole output of a BF16 chunk in one kernel (DARE with k = 0, on the CPU)."""
+        if ctx.device != "cpu" or ctx.dtype.name != "BF16" or self.params.k != 0:
+            return None
+        out = scratch("lossy.out", ctx.size, np.uint16)
+        kept = kernels.dare_bf16_output(base, source, compact, *ctx.rng_key, ctx.start,
+                                        keep_threshold(self.params.p), self.factor(ctx), out)
+        if compact and kept > source.size:
+            raise self._short(ctx, source.size)
+        return out
+
+    def _short(self, ctx, stored):
+        return ValueError(f"tensor {ctx.tensor!r} chunk {ctx.index}: the seed keeps more entries than the "
+                          f"{stored} stored: wrong seed or a corrupt artifact")
+
+    def decode(self, base, stored, ctx):
+        out = self._fused_output(base, stored.get("kept"), True, ctx)
+        return out if out is not None else super().decode(base, stored, ctx)
+
+    def edit_bits(self, base, ft, ctx):
+        out = self._fused_output(base, ft, False, ctx)
+        return out if out is not None else super().edit_bits(base, ft, ctx)
+
     def edit_delta(self, delta, ctx):
         """The same bits as decode(encode()), with one draw of the mask instead of two."""
         return self._apply_mask(delta, keep_mask(ctx, self.params.p), ctx)
@@ -135,10 +158,8 @@ class Dare(LossyMethod):
             zz[...] = stored["delta"][: ctx.size]
         else:
             kept = stored["kept"]
-            count = kernels.dare_expand(kept, keep, zz)
-            if count > kept.size:
-                raise ValueError(f"tensor {ctx.tensor!r} chunk {ctx.index}: {kept.size} kept entries stored, "
-                                 f"but the seed keeps {count}: wrong seed or a corrupt artifact")
+            if kernels.dare_expand(kept, keep, zz) > kept.size:
+                raise self._short(ctx, kept.size)
         return self._apply_mask(delta_from_bits(base, zz, ctx, self), keep, ctx)
 
 
