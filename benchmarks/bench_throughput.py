@@ -1,4 +1,4 @@
-"""Compress throughput against the time to read the inputs, warm and cold page cache.
+"""Compress (and apply) throughput against the time to read the inputs, warm and cold page cache.
 
     python benchmarks/bench_throughput.py --size 1B [--cold] [--label after]
 
@@ -8,7 +8,9 @@ untimed run, so that the kernels are compiled and the interpreter's start is not
 (``--cold``, needs permission to write /proc/sys/vm/drop_caches): the page cache is dropped
 before every ``cat`` and every compress, which is what a real 70B pair (282 GB, more than the RAM)
 sees; cat and compress alternate, and the ratio is the median of the pairs. The ratio reported
-is read time / compress time: 1.0 means compress runs at the speed of reading its inputs.
+is read time / job time: 1.0 means the job runs at the speed of reading the pair. Apply (warm
+only) reads the base and the artifact and writes a whole checkpoint; it is given against the same
+read time, and its input GB/s counts the pair's bytes, as compress does.
 
 Writes benchmarks/results/bench_throughput_<size>[_<label>].md. Run it from a checkout of an
 older commit (PYTHONPATH=that checkout) with --label before for a before/after table.
@@ -53,6 +55,13 @@ def compress_s(base: str, ft: str, out: str, method: str) -> float:
     return time.perf_counter() - start
 
 
+def apply_s(base: str, artifact: str, out: str) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    ds.apply(base, artifact, out)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="1B", choices=sorted(SHAPES))
@@ -77,6 +86,12 @@ def main() -> None:
         t = min(compress_s(base, ft, out, method) for _ in range(args.repeat))
         rows.append(f"| compress {method} | {t:.2f} s | {gb / t:.2f} GB/s | {warm_cat / t:.2f} |")
         print(rows[-1], flush=True)
+        rebuilt = os.path.join(pair, "throughput-rebuilt")
+        apply_s(base, out, rebuilt)
+        t = min(apply_s(base, out, rebuilt) for _ in range(args.repeat))
+        shutil.rmtree(rebuilt, ignore_errors=True)
+        rows.append(f"| apply {method} | {t:.2f} s | {gb / t:.2f} GB/s | {warm_cat / t:.2f} |")
+        print(rows[-1], flush=True)
         if args.cold:
             pairs = []
             for _ in range(args.repeat):
@@ -91,7 +106,7 @@ def main() -> None:
             print(cold_rows[-1], flush=True)
     shutil.rmtree(out, ignore_errors=True)
 
-    lines = [f"# Compress throughput, {args.size} pair ({gb:.2f} GB of inputs){' - ' + args.label if args.label else ''}",
+    lines = [f"# Compress and apply throughput, {args.size} pair ({gb:.2f} GB of inputs){' - ' + args.label if args.label else ''}",
              "", f"`python benchmarks/bench_throughput.py --size {args.size}{' --cold' if args.cold else ''}`"
              f"{' (' + args.label + ')' if args.label else ''}", "",
              "Warm page cache (best of %d):" % args.repeat, "",
