@@ -30,8 +30,8 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-__all__ = ["split_sums", "row_split_sums", "draws", "keep_draws", "dare_compact", "dare_expand", "dare_bf16_output", "bf16_delta_signs",
-           "add_signed", "bf16_round", "bf16_add_round"]
+__all__ = ["split_sums", "row_split_sums", "draws", "keep_draws", "dare_compact", "dare_expand",
+           "dare_bf16_output", "bf16_delta_signs", "add_signed", "bf16_round", "bf16_add_round"]
 
 _U32 = np.uint64(0xFFFFFFFF)
 M1, M2 = 0x7FEB352D, 0x846CA68B  # lowbias32's multipliers (deltastream.rng)
@@ -98,8 +98,9 @@ def _parts(bits, weight):
     e = a >> 23
     mant = ((a & 0x7FFFFF) | (np.int64(e > 0) << 23)) * weight
     s = max(e, 1) - GRID_SHIFT  # |x| = mant * 2^s grid units
-    high = (mant >> min(max(_LOW_BITS - s, 0), 63)) << max(s - _LOW_BITS, 0)
-    low = ((mant << max(s, 0)) >> min(max(-s, 0), 63)) & _LOW_MASK
+    # every shift is clamped to the range that non-big values use (no shift past the word)
+    high = (mant >> min(max(_LOW_BITS - s, 0), 63)) << min(max(s - _LOW_BITS, 0), _BIG_EXPONENT - GRID_SHIFT - _LOW_BITS - 1)
+    low = ((mant << min(max(s, 0), _LOW_BITS)) >> min(max(-s, 0), 63)) & _LOW_MASK
     return high, low, np.int64(e >= _BIG_EXPONENT) * weight
 
 
