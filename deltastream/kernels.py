@@ -13,8 +13,10 @@ as the numpy definitions they replace (tests/test_kernels.py checks each against
 * :func:`dare_expand` - DARE's decode: the kept entries back in their places;
 * :func:`dare_bf16_output` - DARE's whole apply or edit of a BF16 chunk, from the draws to the
   rounded output;
-* :func:`bf16_delta_signs` - BitDelta's encode on BF16: f32(ft) - f32(base) and its packed signs;
+* :func:`bf16_delta` - every lossy method's delta of a BF16 chunk, f32(ft) - f32(base);
+* :func:`bf16_delta_signs` - BitDelta's encode on BF16: the delta and its packed signs;
 * :func:`add_signed` - BitDelta's decode: one level of +-alpha from packed signs;
+  :func:`bitdelta_bf16_output` - 1-bit BitDelta's whole output of a BF16 chunk;
 * :func:`bf16_round`, :func:`bf16_add_round` - float32 to bf16, to nearest even (every lossy
   method's output: base + edited delta, rounded).
 
@@ -31,7 +33,8 @@ from numba.core import types
 from numba.extending import intrinsic
 
 __all__ = ["split_sums", "row_split_sums", "draws", "keep_draws", "dare_compact", "dare_expand",
-           "dare_bf16_output", "bf16_delta_signs", "add_signed", "bf16_round", "bf16_add_round"]
+           "dare_bf16_output", "bf16_delta", "bf16_delta_signs", "add_signed", "bitdelta_bf16_output", "bf16_round",
+           "bf16_add_round"]
 
 _U32 = np.uint64(0xFFFFFFFF)
 M1, M2 = 0x7FEB352D, 0x846CA68B  # lowbias32's multipliers (deltastream.rng)
@@ -206,6 +209,13 @@ def dare_expand(kept_values, keep, out):
 
 
 @_jit
+def bf16_delta(base, ft, delta):
+    """delta = f32(ft) - f32(base) of a BF16 chunk (every lossy method's input), in one pass."""
+    for i in range(ft.size):
+        delta[i] = _as_f32(np.uint32(ft[i]) << np.uint32(16)) - _as_f32(np.uint32(base[i]) << np.uint32(16))
+
+
+@_jit
 def bf16_delta_signs(base, ft, delta, packed):
     """BitDelta's 1-bit encode of a BF16 chunk in one pass: delta = f32(ft) - f32(base) (float32)
     and packed[j] bit 7-b = (delta[8j + b] >= 0), big bit order as np.packbits (NaN packs 0, as
@@ -294,3 +304,17 @@ def dare_bf16_output(base, source, compact, k0, k1, start, threshold, factor, ou
             out[i] = _kept_bf16(base[i], ft_bits, factor)
             kept += 1
     return kept
+
+
+@_jit
+def bitdelta_bf16_output(base, packed, alpha, out):
+    """1-bit BitDelta's output of a BF16 chunk in one pass: round((0 + (+-alpha)) + f32(base)) by
+    the packed sign bits, as add_signed onto zeros and bf16_add_round do it."""
+    zero = np.float32(0)
+    n = base.size
+    for j in range((n + 7) // 8):
+        byte = packed[j]
+        for b in range(min(8, n - 8 * j)):
+            i = 8 * j + b
+            edited = zero + (alpha if (byte >> (7 - b)) & 1 else -alpha)
+            out[i] = _round_bf16(edited + _as_f32(np.uint32(base[i]) << np.uint32(16)))

@@ -85,7 +85,7 @@ def widen(bf16):
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(0, 100), data=st.data())
-def test_bf16_delta_signs_equal_the_numpy_delta_and_packbits(n, data):
+def test_bf16_delta_and_signs_equal_the_numpy_delta_and_packbits(n, data):
     base = data.draw(arrays(np.uint16, n))  # every bf16 pattern: zeros, subnormals, inf, NaN
     ft = data.draw(arrays(np.uint16, n))
     with np.errstate(invalid="ignore", over="ignore"):
@@ -94,6 +94,9 @@ def test_bf16_delta_signs_equal_the_numpy_delta_and_packbits(n, data):
     packed = np.empty((n + 7) // 8, np.uint8)
     kernels.bf16_delta_signs(base, ft, delta, packed)
     assert np.array_equal(delta.view(np.uint32), expected.view(np.uint32))
+    plain = np.empty(n, np.float32)
+    kernels.bf16_delta(base, ft, plain)
+    assert np.array_equal(plain.view(np.uint32), expected.view(np.uint32))
     with np.errstate(invalid="ignore"):
         assert np.array_equal(packed, np.packbits(expected >= 0))
 
@@ -215,3 +218,17 @@ def test_dare_bf16_output_equals_the_numpy_formula(data, n, p, factor):
     if keep.sum():  # fewer entries stored than the seed keeps: reported
         assert kernels.dare_bf16_output(base, stored[: keep.sum() - 1], True, *key, start, threshold,
                                         factor, out) > keep.sum() - 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), n=st.integers(0, 100), alpha=st.floats(0, 1, width=32))
+def test_bitdelta_bf16_output_equals_add_signed_then_rounding(data, n, alpha):
+    base = data.draw(arrays(np.uint16, n))
+    packed = data.draw(arrays(np.uint8, (n + 7) // 8))
+    edited = np.zeros(n, np.float32)
+    kernels.add_signed(packed, np.array([alpha], np.float32), False, edited)
+    expected = np.empty(n, np.uint16)
+    kernels.bf16_add_round(base, edited, expected)
+    out = np.empty(n, np.uint16)
+    kernels.bitdelta_bf16_output(base, packed, np.float32(alpha), out)
+    assert np.array_equal(out, expected)

@@ -99,6 +99,20 @@ def test_dare_bitdelta_equals_the_reference(pair):
         check_edit_matches(*pair, out, name, ref, SPECS[name][0], exact=False)
 
 
+def test_bitdelta_residual_with_kept_zeros_equals_the_reference(pair):
+    out = run_edit(pair, "bitdelta", "res_keep", residual=1, zero="keep")
+    for name in EDITED:
+        b, f, d = dense(pair, name)
+        nz = d != 0  # of the delta itself, at every level
+        sign0 = np.where(d >= 0, np.float32(1), np.float32(-1))
+        alpha0 = np.float32(np.abs(d[nz]).astype(np.float64).mean())
+        r1 = d - alpha0 * sign0
+        sign1 = np.where(r1 >= 0, np.float32(1), np.float32(-1))
+        alpha1 = np.float32(np.abs(r1[nz]).astype(np.float64).mean())
+        ref = np.where(nz, alpha0 * sign0 + alpha1 * sign1, 0)
+        check_edit_matches(*pair, out, name, ref, SPECS[name][0], exact=False)
+
+
 def test_residual_levels_reduce_the_error_monotonically(pair):
     errors = []
     for n in range(4):

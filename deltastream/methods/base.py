@@ -217,6 +217,9 @@ class LossyMethod(Method):
 
     def delta(self, base: np.ndarray, ft: np.ndarray, ctx: ChunkContext) -> np.ndarray:
         out = scratch("lossy.delta", ft.size, np.float32)
+        if ctx.dtype.name == "BF16":
+            kernels.bf16_delta(base, ft, out)
+            return out
         to_float32(ft, ctx.dtype, out=out)
         out -= to_float32(base, ctx.dtype, out=scratch("lossy.base", base.size, np.float32))
         return out

@@ -123,7 +123,10 @@ class BitDelta(LossyMethod):
         return rows[np.arange(ctx.start, ctx.stop) // ctx.row_len]
 
     def _residual(self, delta: np.ndarray, upto: int, ctx: ChunkContext) -> np.ndarray:
-        """delta minus the first ``upto`` levels' approximation (the level ``upto`` residual)."""
+        """delta minus the first ``upto`` levels' approximation (the level ``upto`` residual);
+        level 0 is delta itself (callers may overwrite it, as encode_delta may)."""
+        if upto == 0:
+            return delta
         r = scratch("bitdelta.residual", delta.size, np.float32)
         r[...] = delta
         for j in range(upto):
@@ -181,28 +184,46 @@ class BitDelta(LossyMethod):
             arrays.append(packed_array("nonzero", chunk_elems, numel))
         return arrays
 
-    def encode_with_stats(self, base, ft, ctx):
+    def _fused(self, ctx: ChunkContext) -> bool:
+        """BitDelta itself (1 bit, one scale per tensor) on a BF16 chunk on the CPU: one kernel."""
         p = self.params
-        if (ctx.device == "cpu" and ctx.dtype.name == "BF16" and not self._blocks and p.per == "tensor"
-                and self.levels == 1 and p.zero == "plus"):  # BitDelta itself: one fused pass
-            signs = scratch("bitdelta.signs", math.ceil(ctx.size / 8), np.uint8)
-            delta = scratch("lossy.delta", ctx.size, np.float32)
-            kernels.bf16_delta_signs(base, ft, delta, signs)
-            return {"signs0": signs}, {"abs": magnitude_sum(delta), "count": ctx.size}
+        return (ctx.device == "cpu" and ctx.dtype.name == "BF16" and not self._blocks and p.per == "tensor"
+                and self.levels == 1 and p.zero == "plus")
+
+    def _encode_fused(self, base, ft, ctx) -> tuple[dict, np.ndarray]:
+        signs = scratch("bitdelta.signs", math.ceil(ctx.size / 8), np.uint8)
+        delta = scratch("lossy.delta", ctx.size, np.float32)
+        kernels.bf16_delta_signs(base, ft, delta, signs)
+        return {"signs0": signs}, delta
+
+    def encode(self, base, ft, ctx):
+        return self._encode_fused(base, ft, ctx)[0] if self._fused(ctx) else super().encode(base, ft, ctx)
+
+    def encode_with_stats(self, base, ft, ctx):
+        if self._fused(ctx):
+            stored, delta = self._encode_fused(base, ft, ctx)
+            return stored, {"abs": magnitude_sum(delta), "count": ctx.size}
         return super().encode_with_stats(base, ft, ctx)
+
+    def decode(self, base, stored, ctx):
+        if self._fused(ctx):
+            out = scratch("lossy.out", ctx.size, np.uint16)
+            kernels.bitdelta_bf16_output(base, stored["signs0"], self._alpha_of(0, ctx), out)
+            return out
+        return super().decode(base, stored, ctx)
 
     def encode_delta(self, delta, base, ft, ctx):
         if self._blocks:
             return self._blocks.encode_delta(delta, base, ft, ctx)
         out = {}
-        r = self._residual(delta, 0, ctx)
+        if self.params.zero == "keep":
+            out["nonzero"] = pack(delta != 0)
+        r = delta  # the level-0 residual; later levels overwrite it in place
         for j in range(self.levels):
             positive = r >= 0
             out[f"signs{j}"] = pack(positive)
             if j + 1 < self.levels:
                 r -= self._alpha_of(j, ctx) * np.where(positive, np.float32(1), np.float32(-1))
-        if self.params.zero == "keep":
-            out["nonzero"] = pack(delta != 0)
         return out
 
     def decode_delta(self, stored, base, ctx):
