@@ -232,3 +232,27 @@ def test_bitdelta_bf16_output_equals_add_signed_then_rounding(data, n, alpha):
     out = np.empty(n, np.uint16)
     kernels.bitdelta_bf16_output(base, packed, np.float32(alpha), out)
     assert np.array_equal(out, expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), n=st.integers(0, 300), p=st.sampled_from([0.0, 0.5, 0.9]), factor=st.floats(0, 20, width=32))
+def test_dare_scale_kept_equals_scale_then_zero(data, n, p, factor):
+    delta = data.draw(arrays(np.uint32, n)).view(np.float32)  # any float32
+    key, start = tensor_key(4, "w"), 2**32 - 100
+    threshold = min(threshold_u32(p), 2**32 - 1)
+    keep = reference_draws(key, start, n) >= threshold
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = delta * np.float32(factor)
+    expected[~keep] = 0
+    out = delta.copy()
+    with np.errstate(invalid="ignore", over="ignore"):
+        kernels.dare_scale_kept(out, *key, start, threshold, np.float32(factor))
+    assert same_bf16(out.view(np.uint32) >> 16, expected.view(np.uint32) >> 16)
+    assert np.array_equal(out.view(np.uint32)[~np.isnan(out)], expected.view(np.uint32)[~np.isnan(expected)])
+
+
+def test_select_equals_numpy_where():
+    mask = np.random.default_rng(5).random(1001) < 0.4
+    for a, b in [(1.0, -1.0), (0.0, -0.0), (np.nan, np.inf), (3.5e-40, -2.0)]:
+        out = kernels.select(mask, np.float32(a), np.float32(b), np.empty(mask.size, np.float32))
+        assert np.array_equal(out.view(np.uint32), np.where(mask, np.float32(a), np.float32(b)).view(np.uint32))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import kernels
 from ..exact import magnitude_sum, total
 from ..methods.base import ChunkContext, LossyMethod
 from ..methods.dare import Dare
@@ -149,7 +150,7 @@ def combine(base: np.ndarray, deltas: list[np.ndarray], weights: list[float], sp
         elect = terms[0].copy()
         for x in terms[1:]:
             elect += x
-        sign = np.where(elect >= 0, np.float32(1), np.float32(-1))  # the elected sign; a sum of 0 elects +
+        sign = kernels.select(elect >= 0, np.float32(1), np.float32(-1), np.empty_like(base))  # a sum of 0 elects +
         divisor = np.zeros_like(base)
         prod = np.empty_like(base)
         for x, wi in zip(terms, w):

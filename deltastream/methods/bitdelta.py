@@ -130,7 +130,7 @@ class BitDelta(LossyMethod):
         r = scratch("bitdelta.residual", delta.size, np.float32)
         r[...] = delta
         for j in range(upto):
-            sign = np.where(r >= 0, np.float32(1), np.float32(-1))
+            sign = kernels.select(r >= 0, np.float32(1), np.float32(-1), scratch("bitdelta.sign", r.size, np.float32))
             r -= self._alpha_of(j, ctx) * sign
         return r
 
@@ -223,7 +223,8 @@ class BitDelta(LossyMethod):
             positive = r >= 0
             out[f"signs{j}"] = pack(positive)
             if j + 1 < self.levels:
-                r -= self._alpha_of(j, ctx) * np.where(positive, np.float32(1), np.float32(-1))
+                r -= self._alpha_of(j, ctx) * kernels.select(positive, np.float32(1), np.float32(-1),
+                                                             scratch("bitdelta.sign", r.size, np.float32))
         return out
 
     def decode_delta(self, stored, base, ctx):

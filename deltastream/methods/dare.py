@@ -140,6 +140,9 @@ class Dare(LossyMethod):
 
     def edit_delta(self, delta, ctx):
         """The same bits as decode(encode()), with one draw of the mask instead of two."""
+        if self.params.k == 0:  # one fused pass: draw, compare, scale or zero
+            kernels.dare_scale_kept(delta, *ctx.rng_key, ctx.start, keep_threshold(self.params.p), self.factor(ctx))
+            return delta
         return self._apply_mask(delta, keep_mask(ctx, self.params.p), ctx)
 
     def _apply_mask(self, delta, keep, ctx):
@@ -148,7 +151,8 @@ class Dare(LossyMethod):
             delta[~keep] = 0
         else:
             p, k = self.params.p, self.params.k
-            delta *= np.where(keep, np.float32((1 - k * p) / (1 - p)), np.float32(k))
+            delta *= kernels.select(keep, np.float32((1 - k * p) / (1 - p)), np.float32(k),
+                                    scratch("dare.multiplier", delta.size, np.float32))
         return delta
 
     def decode_delta(self, stored, base, ctx):
@@ -180,5 +184,6 @@ class Biased(LossyMethod):
 
     def edit_delta(self, delta, ctx):
         p, k = self.params.p, self.params.k
-        delta *= np.where(delta < 0, np.float32(k), np.float32((1 - k * p) / (1 - p)))
+        delta *= kernels.select(delta < 0, np.float32(k), np.float32((1 - k * p) / (1 - p)),
+                                scratch("biased.multiplier", delta.size, np.float32))
         return delta
