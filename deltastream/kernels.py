@@ -19,7 +19,10 @@ as the numpy definitions they replace (tests/test_kernels.py checks each against
   :func:`bitdelta_bf16_output` - 1-bit BitDelta's whole output of a BF16 chunk;
 * :func:`bf16_round`, :func:`bf16_add_round` - float32 to bf16, to nearest even (every lossy
   method's output: base + edited delta, rounded);
-* :func:`select` - np.where of two float32 scalars (signs, multipliers).
+* :func:`select` - np.where of two float32 scalars (signs, multipliers);
+* :func:`count_high`, :func:`gather_candidates`, :func:`below_and_near`,
+  :func:`zero_outside_block` - the per-element steps of the exact rank passes (ranks.py) and of
+  TIES' trim.
 
 Compiled on first use and cached on disk (``cache=True``), so only a new install pays the
 compile (a few seconds).
@@ -35,7 +38,8 @@ from numba.extending import intrinsic
 
 __all__ = ["split_sums", "row_split_sums", "draws", "keep_draws", "dare_compact", "dare_expand",
            "dare_bf16_output", "dare_scale_kept", "bf16_delta", "bf16_delta_signs", "add_signed", "bitdelta_bf16_output", "bf16_round",
-           "bf16_add_round", "select"]
+           "bf16_add_round", "select", "count_high", "gather_candidates", "below_and_near",
+           "zero_outside_block"]
 
 _U32 = np.uint64(0xFFFFFFFF)
 M1, M2 = 0x7FEB352D, 0x846CA68B  # lowbias32's multipliers (deltastream.rng)
@@ -341,3 +345,43 @@ def select(mask, if_true, if_false, out):
     for i in range(mask.size):
         out[i] = if_true if mask[i] else if_false
     return out
+
+
+# --- exact rank thresholds (deltastream.ranks): the per-element steps of its passes --------------
+@_jit
+def count_high(bits, hist):
+    """hist[b >> 16] += 1 for every uint32 b (ranks' first-digit histogram)."""
+    for i in range(bits.size):
+        hist[bits[i] >> np.uint32(16)] += 1
+
+
+@_jit
+def gather_candidates(bits, candidate, out):
+    """out[:k] = the elements whose high 16 bits are a candidate bin, in order; returns k."""
+    k = 0
+    for i in range(bits.size):
+        b = bits[i]
+        out[k] = b
+        k += np.int64(candidate[b >> np.uint32(16)])
+    return k
+
+
+@_jit
+def below_and_near(bits, lower, inside, below, near):
+    """below[i] = lower[high bin of element i]; near[:k] = the positions whose high bin holds a
+    threshold (those need a finer look); returns k."""
+    k = 0
+    for i in range(bits.size):
+        h = bits[i] >> np.uint32(16)
+        below[i] = lower[h]
+        near[k] = i
+        k += np.int64(inside[h])
+    return k
+
+
+@_jit
+def zero_outside_block(delta, block, keep):
+    """delta[i] = 0 where block[i] != keep (in place; numpy's ``delta[block != keep] = 0``)."""
+    zero = np.float32(0)
+    for i in range(delta.size):
+        delta[i] = delta[i] if block[i] == keep else zero

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import kernels
+
 __all__ = ["magnitude_bits", "digit_widths", "new_search", "histogram", "refine", "thresholds", "tie_values",
            "Cut", "classify", "tie_partial", "tie_record", "tie_offsets", "assign", "tied_blocks", "slices"]
 
@@ -71,8 +73,7 @@ def histogram(bits: np.ndarray, search: dict | None = None) -> np.ndarray:
     digits match a boundary's prefix (level 0, or no search: the high 16 bits of all)."""
     if search is None or search["level"] == 0:
         hist = np.zeros((1, 1 << FIRST), np.int64)
-        for s, e in slices(bits.size):
-            hist[0] += np.bincount(bits[s:e] >> (32 - FIRST), minlength=1 << FIRST)
+        kernels.count_high(bits, hist[0])
         return hist
     level, widths = search["level"], search["widths"]
     width = widths[level]
@@ -84,8 +85,9 @@ def histogram(bits: np.ndarray, search: dict | None = None) -> np.ndarray:
         return hist
     candidate = np.zeros(1 << FIRST, bool)  # high bins holding a row's prefix: skip the rest fast
     candidate[rows >> (32 - shift_prev - FIRST)] = True
+    picked = np.empty(min(bits.size, SLICE), np.uint32)
     for s, e in slices(bits.size):
-        b = bits[s:e][candidate[bits[s:e] >> (32 - FIRST)]]
+        b = picked[: kernels.gather_candidates(bits[s:e], candidate, picked)]
         prefix = b >> shift_prev
         row = np.minimum(np.searchsorted(rows, prefix), rows.size - 1)
         hit = rows[row] == prefix
@@ -147,9 +149,9 @@ class Cut:
 def classify(bits: np.ndarray, cut: Cut) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(how many thresholds are below each element; the positions of the elements equal to a
     threshold value, ascending; the index of that value in ``cut.values``)."""
-    high = bits >> (32 - FIRST)
-    below = cut.lower[high]
-    near = np.flatnonzero(cut.inside[high])
+    below = np.empty(bits.size, np.intp)
+    near = np.empty(bits.size, np.intp)
+    near = near[: kernels.below_and_near(bits, cut.lower, cut.inside, below, near)]
     if near.size == 0:
         return below, near, near
     b = bits[near]

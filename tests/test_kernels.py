@@ -256,3 +256,30 @@ def test_select_equals_numpy_where():
     for a, b in [(1.0, -1.0), (0.0, -0.0), (np.nan, np.inf), (3.5e-40, -2.0)]:
         out = kernels.select(mask, np.float32(a), np.float32(b), np.empty(mask.size, np.float32))
         assert np.array_equal(out.view(np.uint32), np.where(mask, np.float32(a), np.float32(b)).view(np.uint32))
+
+
+def test_rank_steps_equal_their_numpy_forms():
+    rng = np.random.default_rng(6)
+    bits = rng.integers(0, 2**32, 5000, dtype=np.uint32)
+    bits[:50] = bits[50]  # ties
+    hist = np.zeros(1 << 16, np.int64)
+    kernels.count_high(bits, hist)
+    assert np.array_equal(hist, np.bincount(bits >> 16, minlength=1 << 16))
+
+    candidate = rng.random(1 << 16) < 0.01
+    candidate[bits[50] >> 16] = True
+    out = np.empty(bits.size, np.uint32)
+    assert np.array_equal(out[: kernels.gather_candidates(bits, candidate, out)], bits[candidate[bits >> 16]])
+
+    lower = np.cumsum(rng.integers(0, 2, 1 << 16)).astype(np.intp)
+    below, near = np.empty(bits.size, np.intp), np.empty(bits.size, np.intp)
+    k = kernels.below_and_near(bits, lower, candidate, below, near)
+    assert np.array_equal(below, lower[bits >> 16])
+    assert np.array_equal(near[:k], np.flatnonzero(candidate[bits >> 16]))
+
+    delta = rng.standard_normal(bits.size).astype(np.float32)
+    block = rng.integers(0, 3, bits.size).astype(np.uint8)
+    expected = delta.copy()
+    expected[block != 1] = 0
+    kernels.zero_outside_block(delta, block, 1)
+    assert np.array_equal(delta.view(np.uint32), expected.view(np.uint32))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import ranks
+from .. import kernels, ranks
 from ..params import check_range, field
 from ..scratch import scratch
 from .base import LossyMethod
@@ -110,5 +110,5 @@ class Trim(RankPasses, LossyMethod):
         bits = ranks.magnitude_bits(delta, out=scratch("trim.mag", delta.size, np.float32))
         block = ranks.assign(bits, ctx.state["_search"], ctx.state["_tie_offsets"][ctx.tensor][ctx.index],
                              out=scratch("trim.block", delta.size, np.uint8))
-        delta[block != 1] = 0  # block 1: the ranks between the first two boundaries
+        kernels.zero_outside_block(delta, block, 1)  # block 1: the ranks between the first two boundaries
         return delta
