@@ -19,7 +19,7 @@ import numpy as np
 
 from . import kernels
 
-__all__ = ["FixedSum", "magnitude_sum", "row_magnitude_sums", "total"]
+__all__ = ["FixedSum", "from_parts", "magnitude_sum", "row_magnitude_sums", "total"]
 
 HI_SHIFT, LO_SHIFT = 20, 56  # grid of the high part and of the whole
 FixedSum = int  # a sum in units of 2^-56
@@ -40,8 +40,8 @@ def _slow_sum(mag: np.ndarray) -> FixedSum:
     return sum(m << max(max(e, 1) - 150 + LO_SHIFT, 0) for e, m in enumerate(per_exp))
 
 
-def _combine(high: int, low: int) -> FixedSum:
-    """The fixed-point sum of kernels.split_sums' (high, low) parts."""
+def from_parts(high: int, low: int) -> FixedSum:
+    """The fixed-point sum that the kernels' (high, low) parts stand for."""
     return (int(high) << (LO_SHIFT - HI_SHIFT)) + int(low)
 
 
@@ -56,7 +56,7 @@ def magnitude_sum(values: np.ndarray, mask: np.ndarray | None = None) -> FixedSu
         part = slice(s, s + kernels.SEGMENT)
         high, low, n_big = kernels.split_sums(bits[part], mask[part] if mask is not None else _NO_MASK,
                                               mask is not None)
-        fixed += _combine(high, low)
+        fixed += from_parts(high, low)
         big += n_big
     if big:  # rare: huge, infinite or NaN values; only the selected count
         return _slow_sum(np.abs(values if mask is None else values[mask]))
@@ -69,7 +69,7 @@ def row_magnitude_sums(values: np.ndarray, row_len: int) -> list[FixedSum]:
     high = np.empty(rows.shape[0], np.int64)
     low = np.empty(rows.shape[0], np.int64)
     if row_len <= kernels.SEGMENT and not kernels.row_split_sums(rows.view(np.uint32), high, low):
-        return [_combine(h, lo) for h, lo in zip(high.tolist(), low.tolist())]
+        return [from_parts(h, lo) for h, lo in zip(high.tolist(), low.tolist())]
     return [magnitude_sum(r) for r in rows]
 
 

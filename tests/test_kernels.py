@@ -283,3 +283,15 @@ def test_rank_steps_equal_their_numpy_forms():
     expected[block != 1] = 0
     kernels.zero_outside_block(delta, block, 1)
     assert np.array_equal(delta.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("blocks", [1, 4, 16, 40])
+def test_block_sums_equal_per_block_exact_sums(blocks):
+    rng = np.random.default_rng(blocks)
+    values = (rng.standard_normal(3001) * 1e-3).astype(np.float32)
+    key = rng.integers(0, blocks + 1, values.size).astype(np.uint16)  # key == blocks: skipped
+    high, low, big = (np.zeros(blocks, np.int64) for _ in range(3))
+    kernels.block_split_sums(values.view(np.uint32), key, high, low, big)
+    assert not big.any()
+    assert [(int(h) << 36) + int(lo) for h, lo in zip(high, low)] == [reference_sum(values[key == b])
+                                                                      for b in range(blocks)]

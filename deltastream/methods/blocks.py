@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import ranks
-from ..exact import magnitude_sum, total
+from .. import kernels, ranks
+from ..exact import from_parts, magnitude_sum, total
 from ..params import check_range, field
 from ..scratch import scratch
 from .base import LossyMethod
@@ -79,13 +79,10 @@ class MagnitudeBlocks(RankPasses, LossyMethod):
             ties += np.bincount(value, minlength=ties.size)
             key = block.astype(np.uint16)
             key[tied] = self.blocks  # tied elements: counted from the totals in finalize_pre
-            order = np.argsort(key, kind="stable")  # radix sort: the magnitudes grouped by block
-            ordered = mag[s:e][order]
-            first = 0
-            for b, count in enumerate(np.bincount(key, minlength=self.blocks + 1)[: self.blocks].tolist()):
-                if count:
-                    sums[b] += magnitude_sum(ordered[first:first + count])
-                first += count
+            high, low, big = (np.zeros(self.blocks, np.int64) for _ in range(3))
+            kernels.block_split_sums(bits[s:e], key, high, low, big)
+            for b in range(self.blocks):  # a block with a huge magnitude takes the exact slow path
+                sums[b] += magnitude_sum(mag[s:e][key == b]) if big[b] else from_parts(high[b], low[b])
         return {**ranks.tie_record((ctx.tensor, ctx.index), ties), "sums": sums}
 
     def finalize_pre(self, i, combined, state):
