@@ -21,6 +21,7 @@ as the numpy definitions they replace (tests/test_kernels.py checks each against
 * :func:`bf16_round`, :func:`bf16_add_round` - float32 to bf16, to nearest even (every lossy
   method's output: base + edited delta, rounded);
 * :func:`select` - np.where of two float32 scalars (signs, multipliers);
+* :func:`consensus_add` - one model's term of a TIES sign-consensus merge;
 * :func:`count_high`, :func:`gather_candidates`, :func:`below_and_near`,
   :func:`zero_outside_block` - the per-element steps of the exact rank passes (ranks.py) and of
   TIES' trim.
@@ -39,7 +40,7 @@ from numba.extending import intrinsic
 
 __all__ = ["split_sums", "row_split_sums", "block_split_sums", "draws", "keep_draws", "dare_compact", "dare_expand",
            "dare_bf16_output", "dare_scale_kept", "bf16_delta", "bf16_delta_signs", "add_signed", "bitdelta_bf16_output", "bf16_round",
-           "bf16_add_round", "select", "count_high", "gather_candidates", "below_and_near",
+           "bf16_add_round", "select", "consensus_add", "count_high", "gather_candidates", "below_and_near",
            "zero_outside_block"]
 
 _U32 = np.uint64(0xFFFFFFFF)
@@ -415,3 +416,17 @@ def block_split_sums(values_u32, key, high, low, big):
             high[k] += h
             low[k] += lo
             big[k] += b
+
+
+@_jit
+def consensus_add(x, sign, weight, mixed, divisor):
+    """One model's term of a TIES-style sign consensus, in place: where x agrees with the elected
+    sign (x * sign > 0) mixed += x and divisor += weight, as the numpy steps
+    ``prod = x * sign; agree = prod > 0; prod = maximum(prod, 0) * sign; mixed += prod;
+    divisor += agree * weight`` (a NaN product propagates, as np.maximum does)."""
+    zero = np.float32(0)
+    for i in range(x.size):
+        p = x[i] * sign[i]
+        kept = p if (p > zero or p != p) else zero
+        mixed[i] = mixed[i] + kept * sign[i]
+        divisor[i] = divisor[i] + (weight if p > zero else zero)

@@ -295,3 +295,24 @@ def test_block_sums_equal_per_block_exact_sums(blocks):
     assert not big.any()
     assert [(int(h) << 36) + int(lo) for h, lo in zip(high, low)] == [reference_sum(values[key == b])
                                                                       for b in range(blocks)]
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), n=st.integers(0, 200), weight=st.floats(-2, 2, width=32))
+def test_consensus_add_equals_the_numpy_steps(data, n, weight):
+    any_f32 = arrays(np.uint32, n)
+    x, mixed, divisor = (data.draw(any_f32).view(np.float32) for _ in range(3))
+    sign = np.where(data.draw(arrays(bool, n)), np.float32(1), np.float32(-1))
+    w = np.float32(weight)
+    with np.errstate(invalid="ignore", over="ignore"):
+        prod = x * sign
+        agree = prod > 0
+        prod = np.maximum(prod, 0) * sign
+        expected_mixed = mixed + prod
+        expected_divisor = divisor + agree * w
+        got_mixed, got_divisor = mixed.copy(), divisor.copy()
+        kernels.consensus_add(x, sign, w, got_mixed, got_divisor)
+    for got, expected in ((got_mixed, expected_mixed), (got_divisor, expected_divisor)):
+        nan = np.isnan(got) & np.isnan(expected)  # which NaN payload survives is the hardware's
+        assert np.array_equal(got.view(np.uint32)[~nan], expected.view(np.uint32)[~nan])
+        assert np.array_equal(np.isnan(got), np.isnan(expected))

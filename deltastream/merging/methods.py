@@ -152,14 +152,8 @@ def combine(base: np.ndarray, deltas: list[np.ndarray], weights: list[float], sp
             elect += x
         sign = kernels.select(elect >= 0, np.float32(1), np.float32(-1), np.empty_like(base))  # a sum of 0 elects +
         divisor = np.zeros_like(base)
-        prod = np.empty_like(base)
-        for x, wi in zip(terms, w):
-            np.multiply(x, sign, out=prod)  # > 0 exactly where x agrees (a zero never does)
-            agree = prod > 0
-            np.maximum(prod, 0, out=prod)
-            prod *= sign  # x where it agrees, a zero elsewhere: no masked (slow) ufunc loops
-            mixed += prod
-            divisor += agree * (np.float32(1) if official else wi)
+        for x, wi in zip(terms, w):  # x where it agrees with the elected sign (a zero never does)
+            kernels.consensus_add(x, sign, np.float32(1) if official else wi, mixed, divisor)
         if official or normalize:
             divisor[divisor == 0] = 1
             mixed /= divisor
