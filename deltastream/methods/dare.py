@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ParameterError
+from .. import kernels
+from ..errors import CorruptChunkError, ParameterError
 from ..exact import magnitude_sum, total
 from ..params import check_range, field
-from .. import kernels
 from ..rng import threshold_u32
 from ..scratch import scratch
 from .base import ChunkContext, LossyMethod, StoredArray
@@ -126,9 +126,9 @@ class Dare(LossyMethod):
             raise self._short(ctx, source.size)
         return out
 
-    def _short(self, ctx, stored):
-        return ValueError(f"tensor {ctx.tensor!r} chunk {ctx.index}: the seed keeps more entries than the "
-                          f"{stored} stored: wrong seed or a corrupt artifact")
+    def _short(self, ctx, stored) -> CorruptChunkError:
+        return CorruptChunkError(f"tensor '{ctx.tensor}' chunk {ctx.index}: the seed keeps more entries than "
+                                 f"the {stored} stored (a corrupt artifact)")
 
     def decode(self, base, stored, ctx):
         out = self._fused_output(base, stored.get("kept"), True, ctx)
