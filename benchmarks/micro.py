@@ -6,7 +6,10 @@
 - the element RNG: the fused kernel (rng.uniform_u32) against the same hash as whole-array numpy;
 - first touch of a fresh 256 MiB buffer against writing into a reused one;
 - 1 GiB of 4 MiB pwrites into a sparse file against a posix_fallocate'd one;
-- one lossless compress chunk written through zarr's setitem against deltastream's direct encoding.
+- one lossless compress chunk written through zarr's setitem against deltastream's direct encoding;
+- compress's steps: map + CRC of cached input, bitdelta's and dare's encode of a chunk on one
+  core, a dare chunk's kept entries compressed with and without their padding, and numpy's
+  where of two scalars against kernels.select.
 
 Writes benchmarks/results/micro.md.
 """
@@ -51,6 +54,71 @@ def whole_array_hash(key, n):
         if r == 0:
             h ^= np.uint32(key[1])
     return h
+
+
+def chunk_pair(n: int):
+    """A bf16 base and fine-tune chunk with weight- and delta-like values."""
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal(n) * 0.02).astype(np.float32)
+    d = (rng.standard_normal(n) * 1e-3).astype(np.float32)
+    to_bf16 = lambda x: (x.view(np.uint32) >> 16).astype(np.uint16)  # noqa: E731
+    return to_bf16(w), to_bf16(w + d)
+
+
+def kernel_rows(folder: str) -> list[tuple[str, str]]:
+    """The per-step rates docs/benchmarks.md quotes for compress: reading (map + CRC), each
+    method's encode on one core, the kept entries' padding, and numpy's scalar where."""
+    from deltastream.artifact.codecs import PRESETS, encode_chunk
+    from deltastream.checkpoint.reader import read_bits
+    from deltastream.dtypes import DTYPES
+    from deltastream.kernels import select
+    from deltastream.checkpoint.header import TensorInfo
+    from deltastream.methods.base import ChunkContext
+    from deltastream.methods.bitdelta import BitDelta
+    from deltastream.methods.dare import Dare
+
+    rows = []
+    # a shard of the 1B pair when there is one (make_checkpoints.py): a file just written here
+    # maps about twice as fast as a checkpoint that came into the cache by reading
+    path = os.path.join("bench-data", "1B", "ft", "model-00001-of-00003.safetensors")
+    if not os.path.exists(path):
+        path = os.path.join(folder, "shard")
+        with open(path, "wb") as f:
+            f.write(np.random.default_rng(4).integers(0, 255, 1 << 30, dtype=np.uint8))
+    with open(path, "rb") as f:
+        while f.read(64 << 20):
+            pass
+    step = 16 << 20  # elements: 32 MiB views, as compress maps them
+    n = os.path.getsize(path) // 2 // step * step
+    info = TensorInfo("w", path, DTYPES["BF16"], (n,), 0, 2 * n)
+
+    def map_and_crc():
+        for s in range(0, n, step):
+            crc32c(read_bits(info, s, s + step))
+    rows.append((f"map + CRC-32C of cached {path}, 32 MiB views, one core",
+                 f"{2 * n / timed(map_and_crc) / 1e9:.1f} GB/s"))
+
+    n = 16 << 20
+    base, ft = chunk_pair(n)
+    ctx = ChunkContext("w", DTYPES["BF16"], (n // 4096, 4096), 0, n, seed=1)
+    for name, method in (("bitdelta", BitDelta()), ("dare p=0.9", Dare(p=0.9))):
+        t = timed(lambda: method.encode_with_stats(base, ft, ctx))
+        rows.append((f"{name} encode of a 16M-element bf16 chunk, one core", f"{n / t / 1e9:.2f} G elements/s"))
+
+    kept = Dare(p=0.9).encode_with_stats(base, ft, ctx)[0]["kept"].copy()
+    padded = np.zeros(n, np.uint16)
+    padded[: kept.size] = kept
+    whole = timed(lambda: encode_chunk(padded, PRESETS["delta"]))
+    alone = timed(lambda: encode_chunk(kept, PRESETS["delta"]))
+    rows.append(("dare kept entries of that chunk, blosc: padded to the chunk / alone",
+                 f"{whole * 1e3:.1f} ms / {alone * 1e3:.1f} ms"))
+
+    mask = np.random.default_rng(5).random(n) < 0.5
+    out = np.empty(n, np.float32)
+    numpy_where = timed(lambda: np.where(mask, np.float32(1), np.float32(-1))) / n * 1e9
+    kernel = timed(lambda: select(mask, np.float32(1), np.float32(-1), out)) / n * 1e9
+    rows.append(("np.where(random mask, 1, -1) / kernels.select", f"{numpy_where:.2f} / {kernel:.2f} ns an element"))
+    return rows
 
 
 def main() -> None:
@@ -106,6 +174,7 @@ def main() -> None:
         rows.append(("16 MiB chunk, zarr setitem", f"{chunk.nbytes / via_zarr / 1e9:.2f} GB/s"))
         rows.append(("16 MiB chunk, direct encode + write", f"{chunk.nbytes / direct / 1e9:.2f} GB/s "
                      f"({via_zarr / direct:.1f}x faster); preset {PRESETS['delta'].blosc}"))
+        rows += kernel_rows(folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     text = "# Micro-measurements\n\n```\npython benchmarks/micro.py\n```\n\n| what | measured |\n|---|---|\n" + \

@@ -100,6 +100,15 @@ SEGMENT = 1 << 26  # elements per kernel call of a sum: int64 partials stay belo
 
 
 @_jit
+def _keep_word(k0, k1, start, count, t):
+    """The keep decisions of elements start .. start + count - 1 (count <= 64) as bits of a word."""
+    word = np.uint64(0)
+    for b in range(count):
+        word |= np.uint64(_draw(k0, k1, start + b) >= t) << np.uint64(b)
+    return word
+
+
+@_jit
 def _parts(bits, weight):
     """|x| (float32 bit pattern) on the 2^-56 grid, truncated, as (high, low, big) int64 with
     |x| ~= high * 2^-20 + low * 2^-56 (deltastream.exact); big = 1 for |x| >= 2^16, inf or NaN,
@@ -183,9 +192,7 @@ def dare_compact(base, ft, k0, k1, start, threshold, bits, out):
     top = width - np.uint64(1)
     kept = 0
     for s in range(0, ft.size, 64):
-        word = np.uint64(0)
-        for b in range(min(ft.size - s, 64)):
-            word |= np.uint64(_draw(k0, k1, start + s + b) >= t) << np.uint64(b)
+        word = _keep_word(k0, k1, start + s, min(ft.size - s, 64), t)
         while word:
             i = s + np.int64(_ctz64(word))
             word &= word - np.uint64(1)
@@ -227,7 +234,7 @@ def bf16_delta_signs(base, ft, delta, packed):
     """BitDelta's 1-bit encode of a BF16 chunk in one pass: delta = f32(ft) - f32(base) (float32)
     and packed[j] bit 7-b = (delta[8j + b] >= 0), big bit order as np.packbits (NaN packs 0, as
     numpy's ``NaN >= 0``). The magnitude sum is a second kernel (split_sums): fused into this
-    loop it kept the loop from vectorizing and ran 1.7x slower."""
+    loop it kept the loop from vectorizing and ran slower."""
     n = ft.size
     for j in range((n + 7) // 8):
         byte = np.uint32(0)
@@ -295,9 +302,7 @@ def dare_bf16_output(base, source, compact, k0, k1, start, threshold, factor, ou
         out[i] = _round_bf16(zero + _as_f32(np.uint32(base[i]) << np.uint32(16)))
     kept = 0
     for s in range(0, base.size, 64):
-        word = np.uint64(0)
-        for b in range(min(base.size - s, 64)):
-            word |= np.uint64(_draw(k0, k1, start + s + b) >= t) << np.uint64(b)
+        word = _keep_word(k0, k1, start + s, min(base.size - s, 64), t)
         while word:
             i = s + np.int64(_ctz64(word))
             word &= word - np.uint64(1)
@@ -342,8 +347,8 @@ def dare_scale_kept(delta, k0, k1, start, threshold, factor):
 
 @_jit
 def select(mask, if_true, if_false, out):
-    """out = np.where(mask, if_true, if_false) for two float32 scalars (numpy's scalar where runs
-    at ~4 ns an element on a random mask, this at ~0.3)."""
+    """out = np.where(mask, if_true, if_false) for two float32 scalars (numpy's where of two
+    scalars is several times slower on a random mask: benchmarks/micro.py)."""
     for i in range(mask.size):
         out[i] = if_true if mask[i] else if_false
     return out
@@ -393,7 +398,7 @@ def zero_outside_block(delta, block, keep):
 def block_split_sums(values_u32, key, high, low, big):
     """split_sums per block: element i adds to block key[i] (keys >= high.size are skipped).
     Up to 16 blocks, one masked pass per block, which vectorizes (a scatter into the block's
-    accumulators waits on the previous element's add: 3-4x slower); more blocks scatter."""
+    accumulators waits on the previous element's add); more blocks scatter."""
     nb = high.size
     if nb <= 16:
         for k in range(nb):

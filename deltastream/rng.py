@@ -34,7 +34,7 @@ def tensor_key(seed: int, name: str) -> tuple[int, int]:
 def uniform_u32(key: tuple[int, int], start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
     """The uint32 draws of elements [start, stop) of the tensor with this key (into ``out``).
 
-    A fused kernel (kernels.draws): 2.5 G draws/s per core here, 10x the same hash as
+    A fused kernel (kernels.draws): 2.2-2.5 G draws/s per core here, ~10x the same hash as
     whole-array numpy (benchmarks/micro.py), which tests/test_kernels.py keeps as the reference."""
     if out is None:
         out = np.empty(max(0, stop - start), np.uint32)
