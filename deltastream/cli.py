@@ -15,7 +15,7 @@ import time
 
 from . import api
 from ._version import __version__
-from .errors import DeltastreamError, Interrupted
+from .errors import DeltastreamError, Interrupted, escape
 from .config import load_job_config
 from .engine.graph import local_cluster
 from .errors import ParameterError
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         with _cluster(args):
             return _command(args)
     except DeltastreamError as exc:
-        print(f"deltastream: error: {exc}", file=sys.stderr)
+        print(f"deltastream: error: {escape(exc)}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:  # `deltastream info --json | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         return Interrupted.exit_code
     except OSError as exc:  # a full disk, a permission problem, a vanished file
         where = f" '{exc.filename}'" if getattr(exc, "filename", None) else ""
-        print(f"deltastream: error: file{where}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"deltastream: error: {escape(f'file{where}: {exc.strerror or exc}')}", file=sys.stderr)
         return 2
 
 

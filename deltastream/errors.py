@@ -8,6 +8,8 @@ shows a traceback for these.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "DeltastreamError",
     "CheckpointError",
@@ -18,6 +20,8 @@ __all__ = [
     "OutputExistsError",
     "ParameterError",
     "Interrupted",
+    "escape",
+    "tensor_context",
 ]
 
 
@@ -61,8 +65,19 @@ class Interrupted(DeltastreamError, KeyboardInterrupt):
     exit_code = 130
 
 
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def escape(text: object) -> str:
+    """``text`` with every control character, lone surrogate and bidi/zero-width mark written as
+    a ``\\xNN`` / ``\\uNNNN`` escape: a name from a file can neither break the one-line message
+    (newlines), drive the terminal (ANSI escapes) nor fail to print (surrogates). Idempotent."""
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                            else f"\\u{ord(m.group()):04x}", str(text))
+
+
 def tensor_context(path: object, tensor: str | None = None) -> str:
-    """The "tensor 'x' in file 'y'" prefix every message starts with."""
+    """The "tensor 'x' in file 'y'" prefix every message starts with (names escaped)."""
     if tensor is None:
-        return f"file '{path}'"
-    return f"tensor '{tensor}' in file '{path}'"
+        return f"file '{escape(path)}'"
+    return f"tensor '{escape(tensor)}' in file '{escape(path)}'"
