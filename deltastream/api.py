@@ -16,6 +16,7 @@ from .jobs import compress as compress_job
 from .jobs import edit as edit_job
 from .jobs import info as info_job
 from .methods import Method, get_method
+from .params import parse_local_cluster, parse_seed, parse_strings, parse_workers
 from .plan import DEFAULT_CHUNK_BYTES
 from .policy import Policy
 from .units import parse_size
@@ -37,7 +38,15 @@ def footprint(method: Method | None) -> int:
 
 def run_options(workers: int | None = None, scheduler: str | None = None, progress: bool | None = None,
                 client: Any = None) -> RunOptions:
-    return RunOptions(workers=workers, scheduler=scheduler, progress=progress, client=client)
+    """The run options, checked: workers 1..MAX_WORKERS (or None), ``scheduler="local:N"`` bounded."""
+    if isinstance(scheduler, str) and scheduler.startswith("local:"):
+        parse_local_cluster(scheduler, "scheduler")
+    return RunOptions(workers=parse_workers(workers), scheduler=scheduler, progress=progress, client=client)
+
+
+def policy(include: str | tuple[str, ...], exclude: str | tuple[str, ...]) -> Policy:
+    return Policy(parse_strings(include, "include", "a glob pattern"),
+                  parse_strings(exclude, "exclude", "a glob pattern"))
 
 
 def effective_chunk_bytes(chunk_size: int | str | None, memory: int | str | None, options: RunOptions,
@@ -66,10 +75,9 @@ def compress(base: str, fine_tune: str | list[str], out: str, method: str | Meth
     m = method if isinstance(method, Method) else get_method(method, **params)
     options = run_options(workers, scheduler, progress, client)
     job = compress_job.compress if isinstance(fine_tune, str) else compress_job.compress_many
-    return job(base, fine_tune, out, m,
-                                 chunk_bytes=effective_chunk_bytes(chunk_size, memory, options, m), seed=seed,
-                                 policy=Policy(tuple(include), tuple(exclude)), overwrite=overwrite,
-                                 resume=resume, options=options, device=resolve_device(device))
+    return job(base, fine_tune, out, m, chunk_bytes=effective_chunk_bytes(chunk_size, memory, options, m),
+               seed=parse_seed(seed), policy=policy(include, exclude), overwrite=overwrite, resume=resume,
+               options=options, device=resolve_device(device))
 
 
 def edit(base: str, fine_tune: str, out: str, method: str | Method, *, chunk_size: int | str | None = None,
@@ -84,7 +92,7 @@ def edit(base: str, fine_tune: str, out: str, method: str | Method, *, chunk_siz
     m = method if isinstance(method, Method) else get_method(method, **params)
     options = run_options(workers, scheduler, progress, client)
     path, _ = edit_job.edit(base, fine_tune, out, m, chunk_bytes=effective_chunk_bytes(chunk_size, memory, options, m),
-                            seed=seed, policy=Policy(tuple(include), tuple(exclude)),
+                            seed=parse_seed(seed), policy=policy(include, exclude),
                             max_shard_size=parse_size(max_shard_size, "max shard size"), overwrite=overwrite,
                             resume=resume, options=options, device=resolve_device(device))
     return path
@@ -122,7 +130,8 @@ def merge(config: str, out: str, *, seed: int = 0, strict: bool = False, chunk_s
     from .merging.job import merge as merge_job
 
     options = run_options(workers, scheduler, progress, client)
-    return merge_job(config, out, chunk_bytes=parse_size(chunk_size, "chunk size") if chunk_size else DEFAULT_CHUNK_BYTES,
-                     memory=parse_size(memory, "memory budget") if memory else DEFAULT_MEMORY_BYTES, seed=seed,
-                     strict=strict, max_shard_size=parse_size(max_shard_size, "max shard size"),
-                     overwrite=overwrite, resume=resume, options=options)
+    chunk = parse_size(chunk_size, "chunk size") if chunk_size is not None else DEFAULT_CHUNK_BYTES
+    budget = parse_size(memory, "memory budget") if memory is not None else DEFAULT_MEMORY_BYTES
+    return merge_job(config, out, chunk_bytes=chunk, memory=budget, seed=parse_seed(seed), strict=strict,
+                     max_shard_size=parse_size(max_shard_size, "max shard size"), overwrite=overwrite,
+                     resume=resume, options=options)

@@ -21,7 +21,7 @@ from .engine.graph import local_cluster
 from .errors import ParameterError
 from .jobs.info import format_info
 from .methods import METHODS, get_method
-from .params import parse_assignments
+from .params import MAX_PROCESSES, MAX_WORKERS, parse_assignments, parse_local_cluster, parse_seed, parse_workers
 from .units import format_size
 
 __all__ = ["main", "build_parser"]
@@ -29,12 +29,13 @@ __all__ = ["main", "build_parser"]
 
 def _add_run_options(p: argparse.ArgumentParser, resume: bool = True) -> None:
     g = p.add_argument_group("execution")
-    g.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="worker threads (default: the number of CPU cores)")
+    g.add_argument("--workers", default=None, metavar="N",
+                   help=f"worker threads, 1 to {MAX_WORKERS} (default: the number of CPU cores)")
     g.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="run on a dask.distributed scheduler (e.g. tcp://host:8786) instead of local threads")
     g.add_argument("--cluster", default=None, metavar="local:N",
-                   help="start a dask.distributed LocalCluster of N worker processes for this command")
+                   help=f"start a dask.distributed LocalCluster of N worker processes (1 to {MAX_PROCESSES}) "
+                        "for this command")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     if resume:
         g.add_argument("--resume", action="store_true",
@@ -54,7 +55,8 @@ def _add_method_options(p: argparse.ArgumentParser, default: str | None) -> None
                    help=f"one of: {', '.join(sorted(METHODS))}" + (f" (default: {default})" if default else ""))
     g.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
                    help="a method parameter, repeatable (see 'deltastream methods')")
-    g.add_argument("--seed", type=int, default=None, help="seed of random edits (default: 0), recorded")
+    g.add_argument("--seed", default=None, metavar="N",
+                   help="seed of random edits, 0 to 2^64-1 (default: 0), recorded")
     g.add_argument("--include", action="append", default=None, metavar="GLOB",
                    help="also edit tensors matching this name pattern (repeatable)")
     g.add_argument("--exclude", action="append", default=None, metavar="GLOB",
@@ -99,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge fine-tunes from a mergekit-style YAML config")
     p.add_argument("config", help="the merge config (mergekit's format: merge_method, base_model, models, ...)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="checkpoint folder to write")
-    p.add_argument("--seed", type=int, default=0, help="seed of random sparsification (DARE, DELLA), recorded")
+    p.add_argument("--seed", default="0", metavar="N",
+                   help="seed of random sparsification (DARE, DELLA), 0 to 2^64-1 (default: 0), recorded")
     p.add_argument("--strict", action="store_true",
                    help="refuse a vocabulary larger than the base's instead of cropping it (with a warning)")
     p.add_argument("--chunk-size", default=None, metavar="SIZE", help="bytes of each tensor per task (default 32MiB)")
@@ -150,6 +153,18 @@ def format_methods(described: list[dict]) -> str:
     return "\n".join(lines).rstrip()
 
 
+def _parse_numbers(args: argparse.Namespace) -> None:
+    """The numeric options, from their strings, checked before anything starts (a cluster included)."""
+    if getattr(args, "workers", None) is not None:
+        args.workers = parse_workers(args.workers, "--workers")
+    if getattr(args, "seed", None) is not None:
+        args.seed = parse_seed(args.seed, "--seed")
+    if getattr(args, "cluster", None) is not None:
+        args.cluster = parse_local_cluster(args.cluster, "--cluster")
+    if (getattr(args, "scheduler", None) or "").startswith("local:"):
+        parse_local_cluster(args.scheduler, "--scheduler")
+
+
 def _run_kwargs(args: argparse.Namespace) -> dict:
     return {"workers": args.workers, "scheduler": args.scheduler, "progress": None if not args.quiet else False,
             "client": getattr(args, "client", None)}
@@ -157,39 +172,39 @@ def _run_kwargs(args: argparse.Namespace) -> dict:
 
 @contextlib.contextmanager
 def _cluster(args: argparse.Namespace):
-    """--cluster local:N: one LocalCluster for the whole command (every pass runs on it)."""
-    spec = getattr(args, "cluster", None)
-    if not spec:
+    """--cluster local:N (N parsed already): one LocalCluster for the whole command (every pass runs on it)."""
+    n = getattr(args, "cluster", None)
+    if n is None:
         yield
         return
-    kind, _, n = spec.partition(":")
-    if kind != "local" or not n.isdigit() or int(n) < 1:
-        raise ParameterError(f"--cluster expects local:N (N worker processes), not {spec!r}")
     from distributed import Client
 
-    with local_cluster(int(n)) as cluster, Client(cluster, set_as_default=False) as client:
+    with local_cluster(n) as cluster, Client(cluster, set_as_default=False) as client:
         args.client = client
         yield
 
 
+def _given(option, from_config, default=None):
+    """The command line's value if given (even an empty or zero one, which is then refused), else the config's."""
+    return option if option is not None else from_config if from_config is not None else default
+
+
 def _job_options(args: argparse.Namespace) -> dict:
     """Method, parameters, policy and sizes from --config, then the command line on top."""
-    doc = load_job_config(args.config) if args.config else {}
+    doc = load_job_config(args.config, args.method) if args.config else {}
     method = args.method or doc.get("method") or args.default_method
     if method is None:
         raise ParameterError("no method: pass --method NAME (see 'deltastream methods') or a --config with one")
     params = {**doc.get("params", {}), **parse_assignments(args.param)}
-    workers = args.workers if args.workers is not None else doc.get("workers")
     return {
         "method": get_method(method, **params),
-        "seed": args.seed if args.seed is not None else int(doc.get("seed", 0)),
-        "include": tuple(args.include if args.include is not None else doc.get("include", ())),
-        "exclude": tuple(args.exclude if args.exclude is not None else doc.get("exclude", ())),
-        "chunk_size": args.chunk_size or doc.get("chunk_size"),
-        "memory": args.memory or doc.get("memory"),
-        "workers": workers, "scheduler": args.scheduler, "progress": None if not args.quiet else False,
-        "client": getattr(args, "client", None),
-        **({"max_shard_size": args.max_shard_size or doc.get("max_shard_size") or "5GB"}
+        "seed": _given(args.seed, doc.get("seed"), 0),
+        "include": tuple(_given(args.include, doc.get("include"), ())),
+        "exclude": tuple(_given(args.exclude, doc.get("exclude"), ())),
+        "chunk_size": _given(args.chunk_size, doc.get("chunk_size")),
+        "memory": _given(args.memory, doc.get("memory")),
+        **_run_kwargs(args), "workers": _given(args.workers, doc.get("workers")),
+        **({"max_shard_size": _given(args.max_shard_size, doc.get("max_shard_size"), "5GB")}
            if hasattr(args, "max_shard_size") else {}),
         **({"fine_tunes": doc.get("fine_tunes")} if args.command == "compress" else {}),
     }
@@ -234,7 +249,8 @@ def _command(args: argparse.Namespace) -> int:
         print(f"wrote {out} in {time.perf_counter() - start:.1f}s")
     elif args.command == "info":
         summary = api.info(args.artifact)
-        print(json.dumps(summary, indent=2, ensure_ascii=False) if args.json else format_info(summary))
+        # ASCII: a name's C1 controls and bidi marks reach the terminal as \u escapes, still exact JSON
+        print(json.dumps(summary, indent=2, ensure_ascii=True) if args.json else format_info(summary))
     elif args.command == "verify":
         api.verify(args.artifact, args.base, **_run_kwargs(args))
         what = f"and base '{args.base}' match" if args.base else "is intact"
@@ -249,6 +265,7 @@ def _command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _parse_numbers(args)
         with _cluster(args):
             return _command(args)
     except DeltastreamError as exc:
@@ -258,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print(f"deltastream: error: {Interrupted('interrupted; partial output removed')}", file=sys.stderr)
+        # outside a job's output (planning, verify): nothing partial to remove or keep
+        print(f"deltastream: error: {Interrupted('interrupted by SIGINT')}", file=sys.stderr)
         return Interrupted.exit_code
     except OSError as exc:  # a full disk, a permission problem, a vanished file
         where = f" '{exc.filename}'" if getattr(exc, "filename", None) else ""

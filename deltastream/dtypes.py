@@ -2,7 +2,9 @@
 
 Every dtype is read as its raw bit pattern (an unsigned integer of the same width) so that
 lossless paths never round; float dtypes that numpy can compute in (F64, F32, F16, and BF16
-widened through its bits) also have a float view for the lossy methods.
+widened through its bits) also have a float view for the lossy methods: they are ``computable``.
+Every other dtype (fp8, complex, integers, bool) is only ever copied or stored exact: the policy
+keeps it exact, merges refuse or copy it, and no encoder sees it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 
 from . import kernels
 
-__all__ = ["DType", "DTYPES", "dtype_by_name", "to_float32", "from_float32"]
+__all__ = ["DType", "DTYPES", "COMPUTABLE", "dtype_by_name", "to_float32", "from_float32"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,11 @@ class DType:
     @property
     def is_float(self) -> bool:
         return self.kind == "float"
+
+    @property
+    def computable(self) -> bool:
+        """Whether a lossy method can compute on it: it has a float32 view (F64 rounds into it)."""
+        return self.is_float and (self.numpy is not None or self.name == "BF16")
 
 
 _TABLE = [
@@ -58,6 +65,8 @@ _TABLE = [
 ]
 
 DTYPES: dict[str, DType] = {d.name: d for d in _TABLE}
+#: the computable dtypes' names, for messages
+COMPUTABLE = ", ".join(d.name for d in _TABLE if d.computable)
 
 
 def dtype_by_name(name: str) -> DType | None:
@@ -72,7 +81,7 @@ def to_float32(bits: np.ndarray, dtype: DType, out: np.ndarray | None = None) ->
             out = np.empty(bits.shape, np.float32)
         np.left_shift(bits, 16, out=out.view(np.uint32), casting="unsafe", dtype=np.uint32)
         return out
-    if dtype.numpy is None or not dtype.is_float:
+    if not dtype.computable:
         raise TypeError(f"dtype {dtype.name} has no float32 view")
     values = bits.view(dtype.numpy)
     if out is None:
@@ -88,7 +97,7 @@ def from_float32(values: np.ndarray, dtype: DType, out: np.ndarray | None = None
             out = np.empty(values.shape, np.uint16)
         kernels.bf16_round(np.ascontiguousarray(values, np.float32).reshape(-1), out.reshape(-1))
         return out
-    if dtype.numpy is None or not dtype.is_float:
+    if not dtype.computable:
         raise TypeError(f"dtype {dtype.name} has no float32 rounding")
     if out is None:
         return values.astype(dtype.numpy).view(dtype.bits)

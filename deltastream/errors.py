@@ -60,7 +60,7 @@ class ParameterError(DeltastreamError, ValueError):
 
 
 class Interrupted(DeltastreamError, KeyboardInterrupt):
-    """The run was stopped by SIGINT or SIGTERM; partial output has been removed."""
+    """The run was stopped by SIGINT or SIGTERM: its partial output is removed (kept with --resume)."""
 
     exit_code = 130
 

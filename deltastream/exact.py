@@ -9,6 +9,8 @@ to multiples of 2^-56 (1.4e-17): exact for every delta a checkpoint holds, and b
 same whether computed from 16 MiB chunks on 2 threads or 4 KiB chunks on a cluster. The parts
 are taken from the float32 bit patterns with integer shifts in one fused pass (kernels.py). Values of
 2^16 or more (never a fine-tuning delta) take a slower path by exponent buckets, exact too.
+A NaN or an infinity has no sum: it raises :class:`NonFinite`, found on that slow path only, and
+the job running the chunk turns it into a one-line error naming the tensor, file and element.
 """
 
 from __future__ import annotations
@@ -19,11 +21,17 @@ import numpy as np
 
 from . import kernels
 
-__all__ = ["FixedSum", "from_parts", "magnitude_sum", "row_magnitude_sums", "total"]
+__all__ = ["FixedSum", "NonFinite", "from_parts", "magnitude_sum", "row_magnitude_sums", "total"]
 
 HI_SHIFT, LO_SHIFT = 20, 56  # grid of the high part and of the whole
 FixedSum = int  # a sum in units of 2^-56
 _NO_MASK = np.zeros(1, bool)
+
+
+class NonFinite(OverflowError):
+    """A whole-tensor figure met a NaN or an infinity. Raised inside a chunk task by the code that
+    computes figures (sums, rank histograms, products), which knows no file; the task's job
+    locates the element and raises ``methods.base.NonFiniteDelta`` (``non_finite_error``)."""
 
 
 def _slow_sum(mag: np.ndarray) -> FixedSum:
@@ -32,7 +40,7 @@ def _slow_sum(mag: np.ndarray) -> FixedSum:
     bits = mag.view(np.uint32)
     exponent = (bits >> 23).astype(np.int64)
     if (exponent == 255).any():
-        raise OverflowError("infinite or NaN magnitude")
+        raise NonFinite("a NaN or infinite magnitude")
     mantissa = ((bits & 0x7FFFFF) | ((exponent > 0).astype(np.uint32) << 23)).astype(np.int64)
     shift = np.maximum(exponent, 1) - 150 + LO_SHIFT  # value = mantissa * 2^(shift) grid units
     cut = np.where(shift < 0, mantissa >> np.minimum(-shift, 63), mantissa)

@@ -22,6 +22,9 @@ found exactly by a few passes, each a small per-chunk partial that adds up in an
 
 Then ``assign(bits, search, offsets)`` gives each element its block: block b holds the ranks in
 [r_b, r_{b+1}) (r_0 = 0, r_{m+1} = n), so every block count is exact, whatever the chunking.
+
+A NaN or infinite magnitude has no rank: the first histogram sees it in its top bins (bit
+patterns from 0x7F800000) and raises ``exact.NonFinite``, at the cost of looking at 128 counts.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels
+from .exact import NonFinite
 
 __all__ = ["magnitude_bits", "digit_widths", "new_search", "histogram", "refine", "thresholds", "tie_values",
            "Cut", "classify", "tie_partial", "tie_record", "tie_offsets", "assign", "tied_blocks", "slices"]
 
 FIRST = 16  # the first digit: a 65536-bin histogram of every element
+_NON_FINITE_BIN = 0x7F80  # high 16 bits of the float32 infinity: it and every NaN bin at or above
 SLICE = 1 << 20  # elements per step inside a chunk: bounds the int64 temporaries (8 MiB)
 MAX_ROW_BYTES = 4 << 20  # refinement rows of 2^16 counts while they fit in this
 
@@ -74,6 +79,8 @@ def histogram(bits: np.ndarray, search: dict | None = None) -> np.ndarray:
     if search is None or search["level"] == 0:
         hist = np.zeros((1, 1 << FIRST), np.int64)
         kernels.count_high(bits, hist[0])
+        if hist[0, _NON_FINITE_BIN:].any():
+            raise NonFinite("a NaN or infinite magnitude has no rank")
         return hist
     level, widths = search["level"], search["widths"]
     width = widths[level]

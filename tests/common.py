@@ -3,6 +3,7 @@ raw readers to compare outputs byte for byte, and the round-trip check every met
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -120,6 +121,36 @@ def read_raw(folder: str) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
 
 def run_cli(*argv: str) -> int:
     return cli_main([str(a) for a in argv])
+
+
+def error_line(capsys) -> str:
+    """The one line a failed command printed on stderr: no traceback, no warning."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err  # one line, no traceback
+    assert lines[0].startswith("deltastream: error: ")
+    return lines[0]
+
+
+def tree_digest(*folders) -> dict[str, str]:
+    """Every entry under the folders: a file by its sha256, a link by its target (not followed),
+    a folder or special file by its kind. Equal before and after: the inputs were untouched."""
+    out = {}
+    for top in folders:
+        top = os.fspath(top)
+        for root, dirs, files in os.walk(top):
+            for name in dirs + files:
+                path = os.path.join(root, name)
+                if os.path.islink(path):
+                    out[path] = "link:" + os.readlink(path)
+                elif os.path.isdir(path):
+                    out[path] = "folder"
+                elif os.path.isfile(path):
+                    with open(path, "rb") as f:
+                        out[path] = hashlib.sha256(f.read()).hexdigest()
+                else:
+                    out[path] = "special"
+    return out
 
 
 def check_roundtrip(tmp: str, base: str, ft: str, method: str = "lossless", **kwargs) -> str:

@@ -6,15 +6,7 @@ import struct
 
 import numpy as np
 import pytest
-from common import make_pair, run_cli, write_checkpoint
-
-
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err  # one line, no traceback
-    assert lines[0].startswith("deltastream: error: ")
-    return lines[0]
+from common import error_line, make_pair, run_cli, write_checkpoint
 
 
 @pytest.fixture

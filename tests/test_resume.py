@@ -15,7 +15,7 @@ import deltastream as ds
 
 def _journal_records(partial: str) -> int:
     folder = os.path.join(partial, ".journal")
-    return sum(len([f for f in files if f.endswith(".pkl")]) for _, _, files in os.walk(folder))
+    return sum(len([f for f in files if f.endswith(".json") and f != "plan.json"]) for _, _, files in os.walk(folder))
 
 
 def _kill_midway(argv: list[str], partial: str, at_least: int = 20) -> None:

@@ -47,6 +47,13 @@ class Preset:
             codecs.append(ZstdCodec(level=self.zstd))
         return codecs + [Crc32cCodec()]
 
+    def max_encoded(self, nbytes: int) -> int:
+        """The largest chunk file this chain can write for nbytes of data (its CRC included):
+        a larger file is not a chunk, and is refused before it is read."""
+        if self.blosc is None and self.zstd is None:
+            return nbytes + 4
+        return nbytes + nbytes // 128 + 1024  # blosc: +16, zstd: +n/256 +64 at most
+
     def numcodec(self):
         if self.blosc:
             cname, clevel, shuffle = self.blosc
@@ -93,15 +100,21 @@ def decode_chunk(raw: bytes, preset: Preset, out: np.ndarray) -> np.ndarray:
         if len(payload) != out.nbytes:
             raise ChecksumError(f"chunk holds {len(payload)} bytes, expected {out.nbytes}")
         out.view(np.uint8)[...] = np.frombuffer(payload, np.uint8)
-    else:
-        codec.decode(payload, out=out)
+        return out
+    if preset.blosc and (len(payload) < 16 or int.from_bytes(payload[4:8], "little") != out.nbytes):
+        # a shorter chunk would decode without error and leave the buffer's tail as it was
+        raise ChecksumError(f"chunk does not hold the {out.nbytes} bytes of its planned length")
+    codec.decode(payload, out=out)
     return out
 
 
 def write_file_atomic(path: str, *parts) -> None:
     """Write the parts under a temporary name and rename: a chunk file is whole or absent."""
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    with open(tmp, "wb") as f:
-        for part in parts:
-            f.write(part)
+    try:
+        with open(tmp, "wb") as f:
+            for part in parts:
+                f.write(part)
+    except OSError as exc:  # a full disk names the file (the job's output says how much it needs)
+        raise OSError(exc.errno, exc.strerror, path) from None
     os.replace(tmp, path)

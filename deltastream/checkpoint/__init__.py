@@ -2,10 +2,10 @@
 
 from .header import Header, TensorInfo, read_header
 from .reader import Checkpoint, open_checkpoint, read_bits
-from .sidefiles import find_side_files
+from .sidefiles import copy_side_file, find_side_files, load_side_file
 from .writer import CheckpointWriter, OutputTensor, plan_shards
 
 __all__ = [
-    "Checkpoint", "CheckpointWriter", "Header", "OutputTensor", "TensorInfo",
-    "find_side_files", "open_checkpoint", "plan_shards", "read_bits", "read_header",
+    "Checkpoint", "CheckpointWriter", "Header", "OutputTensor", "TensorInfo", "copy_side_file",
+    "find_side_files", "load_side_file", "open_checkpoint", "plan_shards", "read_bits", "read_header",
 ]

@@ -9,21 +9,27 @@ memory is set by the chunk size, never by the tensor or the model.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import CheckpointError, tensor_context
-from .header import Header, TensorInfo, read_header
+from ..checksum import crc32c
+from ..errors import CheckpointError, escape, tensor_context
+from .header import MAX_HEADER_BYTES, Header, TensorInfo, load_json, open_regular, read_header
 from .sidefiles import find_side_files
 
 __all__ = ["Checkpoint", "open_checkpoint", "read_bits", "INDEX_NAME", "SINGLE_NAME"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+#: an index names no more tensors than their headers list, so it gets the header's bound
+MAX_INDEX_BYTES = MAX_HEADER_BYTES
+#: ``READS.ranges``, when a thread sets it to a list, gets (path, tensor, offset, nbytes, CRC-32C) of
+#: each range read_bits maps there: the input a journaled task covered (deltastream.engine.journal)
+READS = threading.local()
 
 
 @dataclass(frozen=True)
@@ -41,13 +47,17 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Open a checkpoint (file, folder or index) by reading its headers only."""
+    """Open a checkpoint (file, folder or index) by reading its headers only.
+
+    Whatever is there under a checkpoint's name is opened (lexists, not isfile), so that a FIFO,
+    a device or a dangling link is refused by name rather than skipped or taken for something else.
+    """
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(path):
         folder = path
-        if os.path.isfile(os.path.join(path, INDEX_NAME)):
+        if os.path.lexists(os.path.join(path, INDEX_NAME)):
             headers, metadata = _read_index(os.path.join(path, INDEX_NAME))
-        elif os.path.isfile(os.path.join(path, SINGLE_NAME)):
+        elif os.path.lexists(os.path.join(path, SINGLE_NAME)):
             headers, metadata = _read_single(os.path.join(path, SINGLE_NAME))
         else:
             found = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
@@ -55,7 +65,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 what = "no .safetensors file" if not found else f"{len(found)} .safetensors files and no index"
                 raise CheckpointError(f"{tensor_context(path)}: not a checkpoint folder ({what})")
             headers, metadata = _read_single(os.path.join(path, found[0]))
-    elif os.path.isfile(path):
+    elif os.path.lexists(path):
         folder = os.path.dirname(path)
         if path.endswith(".json"):
             headers, metadata = _read_index(path)
@@ -69,7 +79,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         for info in header.tensors:
             if info.name in tensors:
                 raise CheckpointError(f"{tensor_context(header.path, info.name)}: also stored in "
-                                      f"'{tensors[info.name].path}'")
+                                      f"'{escape(tensors[info.name].path)}'")
             tensors[info.name] = info
     return Checkpoint(path=path, tensors=tensors, metadata=metadata,
                       side_files=find_side_files(folder))
@@ -82,21 +92,21 @@ def _read_single(path: str) -> tuple[list[Header], dict[str, str]]:
 
 def _read_index(path: str) -> tuple[list[Header], dict[str, str]]:
     """Read a sharded index and the header of every shard it names, checking they agree."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{tensor_context(path)}: invalid index ({exc})") from None
+    with open_regular(path, MAX_INDEX_BYTES, "index") as f:
+        index = load_json(path, f.read(MAX_INDEX_BYTES), "index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{tensor_context(path)}: invalid index: no 'weight_map' of tensor -> file")
+    if not isinstance(index.get("metadata", {}), dict):  # transformers reads it as an object
+        raise CheckpointError(f"{tensor_context(path)}: invalid index: 'metadata' is not an object")
     folder = os.path.dirname(path)
     headers = []
     for shard in dict.fromkeys(weight_map.values()):  # first-seen order, no duplicates
         if os.path.basename(shard) != shard or shard in ("", ".", ".."):
-            raise CheckpointError(f"{tensor_context(path)}: index names shard '{shard}' outside its folder")
+            raise CheckpointError(f"{tensor_context(path)}: index names shard '{escape(shard)}' "
+                                  "outside its folder")
         shard_path = os.path.join(folder, shard)
-        if not os.path.isfile(shard_path):
+        if not os.path.lexists(shard_path):
             raise CheckpointError(f"{tensor_context(shard_path)}: shard named in the index is missing")
         headers.append(read_header(shard_path))
     by_file = {os.path.basename(h.path): {t.name for t in h.tensors} for h in headers}
@@ -125,7 +135,7 @@ def read_bits(info: TensorInfo, start: int, stop: int) -> np.ndarray:
     aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
     length = begin - aligned + count * itemsize
     try:
-        with open(info.path, "rb") as f:
+        with open_regular(info.path) as f:  # swapped for a FIFO since its header was read: no hang
             if os.fstat(f.fileno()).st_size < aligned + length:
                 raise CheckpointError(f"{tensor_context(info.path, info.name)}: file shrank "
                                       "while being read (truncated)")
@@ -133,4 +143,8 @@ def read_bits(info: TensorInfo, start: int, stop: int) -> np.ndarray:
     except OSError as exc:
         raise CheckpointError(f"{tensor_context(info.path, info.name)}: cannot read: "
                               f"{exc.strerror or exc}") from None
-    return np.frombuffer(mapped, dtype=info.dtype.bits, count=count, offset=begin - aligned)
+    bits = np.frombuffer(mapped, dtype=info.dtype.bits, count=count, offset=begin - aligned)
+    ranges = getattr(READS, "ranges", None)
+    if ranges is not None:  # the CRC faults the pages in for the task: it costs the CRC alone
+        ranges.append((info.path, info.name, begin, count * itemsize, crc32c(bits)))
+    return bits

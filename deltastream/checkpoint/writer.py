@@ -10,6 +10,7 @@ Hugging Face (``model-00001-of-00003.safetensors`` + ``model.safetensors.index.j
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -19,9 +20,15 @@ import numpy as np
 
 from ..dtypes import dtype_by_name
 from ..errors import DeltastreamError, tensor_context
+from ..units import format_size
 from .reader import INDEX_NAME, SINGLE_NAME
 
-__all__ = ["OutputTensor", "CheckpointWriter", "plan_shards", "write_at", "shard_name"]
+__all__ = ["OutputTensor", "CheckpointWriter", "DiskFullError", "FULL_ERRNOS", "plan_shards", "write_at", "shard_name",
+           "free_space", "space_note"]
+
+_WRITE = os.O_WRONLY | os.O_NOFOLLOW
+#: the errors of a full disk (or quota)
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True)
@@ -93,11 +100,12 @@ class CheckpointWriter:
     def total_size(self) -> int:
         return sum(t.nbytes for shard in self.shards for t in shard)
 
-    def create(self, keep_existing: bool = False) -> None:
+    def create(self, keep_existing: bool = False, journal=None) -> None:
         """Check the disk has room, write every shard's header and size it, write the index.
 
         ``keep_existing`` (a resumed job): a shard already there with this header and size keeps
-        the data the earlier run wrote.
+        the data the earlier run wrote; one that is not (gone, or replaced) is made anew, and the
+        job's ``journal`` then forgets its finished tasks, whose data it no longer holds.
         """
         n = len(self.shards)
         _check_free_space(self.folder, sum(len(h) for h in self._headers) + self.total_size)
@@ -106,13 +114,15 @@ class CheckpointWriter:
             size = len(header) + sum(t.nbytes for t in shard)
             if keep_existing and _has_header(path, header, size):
                 continue
-            try:
-                with open(path, "wb") as f:
+            if keep_existing and journal is not None:
+                journal.forget()
+            try:  # never through a link: the folder is this run's, and so is every file in it
+                with open(os.open(path, _WRITE | os.O_CREAT | os.O_TRUNC, 0o644), "wb") as f:
                     f.write(header)
                     f.truncate(size)  # sparse until the tasks write; see _check_free_space
             except OSError as exc:
-                raise DeltastreamError(f"{tensor_context(path)}: cannot create output: "
-                                       f"{exc.strerror or exc}") from None
+                raise _full(exc, path) or DeltastreamError(f"{tensor_context(path)}: cannot create output: "
+                                                           f"{exc.strerror or exc}") from None
         if n > 1:
             index = {
                 "metadata": {"total_size": self.total_size},
@@ -131,26 +141,46 @@ def _has_header(path: str, header: bytes, size: int) -> bool:
         return False
 
 
+def free_space(folder: str) -> int:
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+def space_note(needed: int, free: int) -> str:
+    """How a full disk is told, up front here and mid-run (deltastream.engine.atomic) alike."""
+    return f"{format_size(needed)} needed, {format_size(free)} free"
+
+
+class DiskFullError(DeltastreamError, OSError):
+    """A write hit a full disk; the job's output adds how much space it needs."""
+
+
 def _check_free_space(folder: str, needed: int) -> None:
     """Fail before the heavy work when the disk cannot hold the output.
 
     Not posix_fallocate: reserving brought no measurable speed here (benchmarks/micro.py; page-cache
     writes vary 3-10x from run to run with the kernel's writeback of earlier runs, whichever comes
     first), and it costs a full pass of extent allocation. A disk that fills up during the run still fails cleanly,
-    at the write that hits it.
+    at the write that hits it: the OSError, named, goes up to the job's output, which says the same.
     """
-    stat = os.statvfs(folder)
-    free = stat.f_bavail * stat.f_frsize
+    free = free_space(folder)
     if free < needed:
         raise DeltastreamError(f"{tensor_context(folder)}: not enough disk space for the output "
-                               f"({needed / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free)")
+                               f"({space_note(needed, free)})")
+
+
+def _full(exc: OSError, path: str, tensor: str | None = None) -> DiskFullError | None:
+    """A full disk's error, naming the file and tensor; None for other errors."""
+    if exc.errno not in FULL_ERRNOS:
+        return None
+    return DiskFullError(f"{tensor_context(path, tensor)}: cannot write output: {exc.strerror}")
 
 
 def write_at(path: str, offset: int, data: np.ndarray, tensor: str = "") -> None:
     """Write an array's bytes at an absolute file offset (called from tasks, any process)."""
     view = memoryview(np.ascontiguousarray(data)).cast("B")
     try:
-        fd = os.open(path, os.O_WRONLY)
+        fd = os.open(path, _WRITE)
         try:
             while view:
                 written = os.pwrite(fd, view, offset)
@@ -159,5 +189,5 @@ def write_at(path: str, offset: int, data: np.ndarray, tensor: str = "") -> None
         finally:
             os.close(fd)
     except OSError as exc:
-        raise DeltastreamError(f"{tensor_context(path, tensor or None)}: cannot write output: "
-                               f"{exc.strerror or exc}") from None
+        raise _full(exc, path, tensor or None) or DeltastreamError(
+            f"{tensor_context(path, tensor or None)}: cannot write output: {exc.strerror or exc}") from None

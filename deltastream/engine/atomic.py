@@ -1,89 +1,235 @@
-"""Outputs that appear whole or not at all, and interrupts that leave nothing half-written.
+"""Outputs that appear whole or not at all, built in work folders that are never someone else's.
 
 Every output (an artifact folder or a checkpoint folder) is built under ``<OUT>.partial`` next
-to its final path and renamed into place only once complete. An error, Ctrl-C or SIGTERM removes
-the partial folder; an existing output is refused unless ``overwrite`` is set, and an output
-that would overwrite or sit inside one of the job's inputs is always refused.
+to its final path, synced to disk and renamed into place only once complete. The work folder is
+created exclusively and holds a lock file for the run; an existing one is reused (``--resume``)
+or emptied only when that lock file says a deltastream run made it, and no other run holds it.
+An error, Ctrl-C or SIGTERM removes the work folder (with ``resume``, keeps it for the next run).
+An existing output is refused unless ``overwrite`` is set, and it is then moved into a fresh
+folder this run created before the new one takes its place. An output or work folder that is,
+holds or sits inside one of the job's inputs (links resolved) is always refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
+import stat
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
-from ..errors import Interrupted, OutputExistsError, ParameterError
+from ..checkpoint.writer import FULL_ERRNOS, DiskFullError, free_space, space_note
+from ..errors import DeltastreamError, Interrupted, OutputExistsError, ParameterError, escape, tensor_context
+from ..units import format_size
 from .journal import NAME as JOURNAL
 
-__all__ = ["atomic_output", "job_output", "partial_path", "handle_signals"]
+__all__ = ["atomic_output", "job_output", "partial_path", "handle_signals", "sync_tree", "LOCK"]
+
+#: the lock file in every work folder: held (flock) by the run that writes it; its pid inside
+LOCK = ".deltastream.lock"
 
 
 def partial_path(path: str) -> str:
     return os.path.abspath(path).rstrip(os.sep) + ".partial"
 
 
-def _check_not_input(out: str, inputs: Iterable[str]) -> None:
-    out_real = os.path.realpath(out)
-    for item in inputs:
-        real = os.path.realpath(item)
-        folder = real if os.path.isdir(real) else os.path.dirname(real)
-        if out_real in (real, folder) or real.startswith(out_real + os.sep):
-            raise ParameterError(f"output '{out}' would overwrite the input '{item}'")
+def _check_not_input(out: str, tmp: str, inputs: Iterable[str]) -> None:
+    for label, where in ((f"output '{escape(out)}'", out),
+                         (f"work folder '{escape(tmp)}' of output '{escape(out)}'", tmp)):
+        real = os.path.realpath(where)
+        for item in inputs:
+            relation = _relation(real, item)
+            if relation:
+                raise ParameterError(f"{label} {relation} '{escape(item)}'; choose another output")
+
+
+def _relation(real: str, item: str) -> str | None:
+    for form in {os.path.abspath(item), os.path.realpath(item)}:
+        if real == form:
+            return "would overwrite the input"
+        if os.path.isdir(form) and real.startswith(form + os.sep):
+            return "is inside the input"
+        if form.startswith(real.rstrip(os.sep) + os.sep):
+            return "contains the input"
+    return None
 
 
 @contextlib.contextmanager
-def atomic_output(path: str, *, overwrite: bool = False, inputs: Iterable[str] = (),
-                  resume: bool = False) -> Iterator[str]:
-    """Yield the partial folder; on success rename it to ``path``, else remove it.
+def atomic_output(path: str, *, overwrite: bool = False, inputs: Iterable[str] = (), resume: bool = False,
+                  needed: int | None = None) -> Iterator[str]:
+    """Yield the work folder; on success sync it and rename it to ``path``, else remove it.
 
-    With ``resume``, a partial folder left by a killed run is kept (the job's journal says what
-    is done) and so is this run's, if it is interrupted too; without, any is discarded.
+    With ``resume``, a work folder left by a killed run is kept (the job's journal says what is
+    done) and so is this run's, if it stops too; without, any is emptied first. ``needed``, the
+    bytes the output will take (if known), goes into the message of a full disk.
     """
     path = os.path.abspath(path).rstrip(os.sep)
-    _check_not_input(path, inputs)
-    if os.path.lexists(path) and not overwrite:
-        raise OutputExistsError(f"output '{path}' exists; pass --overwrite to replace it")
     tmp = partial_path(path)
-    if not resume:
-        shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp, exist_ok=True)
+    _check_not_input(path, tmp, inputs)
+    if os.path.lexists(path) and not overwrite:
+        raise OutputExistsError(f"output '{escape(path)}' exists; pass --overwrite to replace it")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lock = _claim(tmp, path, resume)
+    note = (f"the finished work is kept in '{escape(tmp)}': run the same command with --resume to continue"
+            if resume else "partial output removed")
     try:
-        with handle_signals():
+        with handle_signals(note):
             yield tmp
-        shutil.rmtree(os.path.join(tmp, JOURNAL), ignore_errors=True)
-        if os.path.lexists(path):
-            old = path + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(path, old)
-            os.rename(tmp, path)
-            _remove(old)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
+            _publish(tmp, path)
+    except BaseException as exc:
+        error = _no_space(exc, tmp, needed) if isinstance(exc, DiskFullError) or (
+            isinstance(exc, OSError) and exc.errno in FULL_ERRNOS) else None
         if not resume:
             shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None:
+            raise error from None
         raise
+    finally:
+        os.close(lock)
+
+
+def _claim(tmp: str, path: str, resume: bool) -> int:
+    """Create the work folder, or take over one a deltastream run left; return the held lock."""
+    try:
+        os.mkdir(tmp)  # never follows a link, never takes what exists
+    except FileExistsError:
+        fd = _lock_existing(tmp, path)
+        if resume:
+            _drop_foreign(tmp)
+        else:
+            _empty(tmp)
+        return fd
+    fd = os.open(os.path.join(tmp, LOCK), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    _hold(fd, path)
+    return fd
+
+
+def _lock_existing(tmp: str, path: str) -> int:
+    foreign = OutputExistsError(f"{tensor_context(tmp)}: exists and was not made by deltastream; move it away "
+                                "or choose another output")
+    if not stat.S_ISDIR(os.lstat(tmp).st_mode):
+        raise foreign
+    try:
+        fd = os.open(os.path.join(tmp, LOCK), os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        raise foreign from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise foreign
+    _hold(fd, path)
+    return fd
+
+
+def _hold(fd: int, path: str) -> None:
+    """Lock the work folder for this run (released when the process ends, kill -9 included)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise OutputExistsError(f"output '{escape(path)}' is being written by another deltastream run "
+                                f"(pid {escape(pid) if pid.isdigit() else 'unknown'}); wait for it or choose "
+                                "another output") from None
+    with contextlib.suppress(OSError):  # the pid only informs another run's message (a full disk may refuse it)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def _empty(tmp: str) -> None:
+    """A run without --resume starts over: everything but the lock goes."""
+    for name in os.listdir(tmp):
+        if name != LOCK:
+            _remove(os.path.join(tmp, name))
+
+
+def _drop_foreign(tmp: str) -> None:
+    """A reused work folder keeps only what deltastream writes, folders and regular files of one
+    link: a symlink, hard link or FIFO put there could lead a write into someone's file."""
+    for root, dirs, files in os.walk(tmp):
+        for name in dirs + files:
+            full = os.path.join(root, name)
+            st = os.lstat(full)
+            if not stat.S_ISDIR(st.st_mode) and not (stat.S_ISREG(st.st_mode) and st.st_nlink == 1):
+                os.unlink(full)
 
 
 def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
+    if stat.S_ISDIR(os.lstat(path).st_mode):
         shutil.rmtree(path)
     else:
         os.remove(path)
 
 
+def _publish(tmp: str, path: str) -> None:
+    """Drop the journal, sync everything, put the output in place and sync its folder."""
+    shutil.rmtree(os.path.join(tmp, JOURNAL), ignore_errors=True)
+    sync_tree(tmp)
+    os.remove(os.path.join(tmp, LOCK))
+    _fsync(tmp, directory=True)
+    parent = os.path.dirname(path)
+    if not os.path.lexists(path):
+        os.rename(tmp, path)
+        _fsync(parent, directory=True)
+        return
+    backup = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)  # a fresh name, ours
+    old = os.path.join(backup, "old")
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)
+        os.rmdir(backup)
+        raise
+    _fsync(parent, directory=True)
+    shutil.rmtree(backup)
+
+
+def sync_tree(folder: str) -> None:
+    """fsync every file and folder under ``folder``, in parallel (each fsync waits on the disk,
+    not the CPU): nothing of the output is lost to a power cut once it has its final name."""
+    paths = [(folder, True)]
+    for root, dirs, files in os.walk(folder):
+        paths += [(os.path.join(root, d), True) for d in dirs] + [(os.path.join(root, f), False) for f in files]
+    with ThreadPoolExecutor(min(16, len(paths))) as pool:
+        list(pool.map(lambda p: _fsync(*p), paths))
+
+
+def _fsync(path: str, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _no_space(exc: OSError, tmp: str, needed: int | None) -> DeltastreamError:
+    """The one line of a full disk: the file (and tensor) written, and the space the output needs."""
+    free = free_space(os.path.dirname(tmp))
+    if needed is None:  # a compressed output: how much it had written says how much more it wants
+        written = sum(os.lstat(os.path.join(r, f)).st_blocks * 512 for r, _, fs in os.walk(tmp) for f in fs)
+        what = f"{format_size(written)} written, {format_size(free)} free"
+    else:
+        what = space_note(needed, free)
+    where = str(exc) if isinstance(exc, DiskFullError) else \
+        f"{tensor_context(exc.filename or tmp)}: cannot write output: {exc.strerror}"
+    return DeltastreamError(f"{where} ({what})")
+
+
 @contextlib.contextmanager
-def handle_signals() -> Iterator[None]:
-    """Turn SIGINT and SIGTERM into :class:`Interrupted` in the main thread, for clean-up."""
+def handle_signals(note: str = "partial output removed") -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into :class:`Interrupted` in the main thread, for clean-up;
+    ``note`` says what became of the partial output."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def raise_interrupted(signum, frame):
-        raise Interrupted(f"interrupted by {signal.Signals(signum).name}; partial output removed")
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name}; {note}")
 
     previous = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -94,14 +240,14 @@ def handle_signals() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def job_output(path: str, *, overwrite: bool, inputs: list[str], resume: bool, plan: dict,
-               options) -> Iterator[tuple[str, object]]:
+def job_output(path: str, *, overwrite: bool, inputs: list[str], resume: bool, plan: dict, options,
+               needed: int | None = None) -> Iterator[tuple[str, object]]:
     """atomic_output plus the job's journal: yields (partial folder, run options that journal
     every finished task there), so that a killed run can be resumed with ``resume``."""
     from dataclasses import replace
 
     from .journal import Journal, inputs_fingerprint
 
-    with atomic_output(path, overwrite=overwrite, inputs=inputs, resume=resume) as folder:
-        journal = Journal(folder, {"job": plan, "inputs": inputs_fingerprint(inputs)}, resume)
+    with atomic_output(path, overwrite=overwrite, inputs=inputs, resume=resume, needed=needed) as folder:
+        journal = Journal(folder, {"job": plan, "inputs": inputs_fingerprint(inputs)}, resume, inputs)
         yield folder, replace(options, journal=journal)

@@ -8,7 +8,9 @@ Memory is bounded by running at most ``workers`` tasks at a time, each holding o
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ import dask.threaded
 from dask.task_spec import DataNode, Task, TaskRef
 from dask.callbacks import Callback
 
-from .journal import Journal, journaled
+from .journal import journaled
 from .progress import Progress
 
 __all__ = ["RunOptions", "run_tasks", "run_reduce", "default_workers", "local_cluster"]
@@ -94,13 +96,11 @@ def _task_graph(fn, tasks, keys, options: RunOptions) -> dict:
     # traverses nor hashes it (dask.delayed walked every dataclass field of every task).
     if options.journal is None:
         return {key: Task(key, fn, DataNode(None, task)) for key, task in zip(keys, tasks)}
-    folder = options.journal.pass_folder(keys[0].rsplit("-", 1)[0] if keys else "empty")
-    graph = {}
-    for i, (key, task) in enumerate(zip(keys, tasks)):
-        done, result = Journal.load(folder, i)
-        graph[key] = DataNode(key, result) if done else \
-            Task(key, journaled, DataNode(None, fn), DataNode(None, Journal.record(folder, i)), DataNode(None, task))
-    return graph
+    # A journaled task reads (and checks) its record where it runs: on a worker, in parallel.
+    journal = options.journal
+    folder = journal.pass_folder(keys[0].rsplit("-", 1)[0] if keys else "empty")
+    return {key: Task(key, journaled, DataNode(None, fn), DataNode(None, journal.entry(folder, i)),
+                      DataNode(None, task)) for i, (key, task) in enumerate(zip(keys, tasks))}
 
 
 def _run(graph, keys, sizes, name, total_bytes, options: RunOptions) -> list[Any]:
@@ -131,10 +131,20 @@ class _ProgressCallback(Callback):
 
 
 def local_cluster(n: int):
-    """A LocalCluster of n single-threaded worker processes (one chunk in flight per process)."""
+    """A LocalCluster of n single-threaded worker processes (one chunk in flight per process),
+    silent: a task's error or a Ctrl-C reaches the user once, as the command's one line."""
     from distributed import LocalCluster
 
-    return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+    return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                        silence_logs=logging.CRITICAL, preload=[__name__],
+                        scheduler_kwargs={"dashboard_address": ":0"})  # its HTTP server on a free port, no warning
+
+
+def dask_setup(worker) -> None:
+    """Run in each local_cluster worker as it starts (a dask preload). Ctrl-C at a terminal
+    signals the whole process group: the driver handles it and closes the cluster, so the
+    workers ignore it rather than each print a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run_distributed(graph, keys, sizes, progress, options: RunOptions) -> list[dict]:

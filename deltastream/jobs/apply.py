@@ -3,8 +3,10 @@
 Before any output exists, the base is checked against the artifact's fingerprint: every tensor
 present with the recorded dtype and shape, and the CRC of each tensor's first 64 KiB. During the
 run every base chunk's CRC is checked too (a base that differs deeper inside is still refused,
-and the partial output removed), and every rebuilt chunk's CRC must equal the fine-tune's,
-which proves the rebuild bit-exact. ``verify`` runs the same tasks without writing.
+and the partial output removed), every stored chunk's data must have the CRC the manifest
+records (format 1.1: lossy tensors included), and every rebuilt chunk's CRC must equal the
+fine-tune's, which proves a lossless rebuild bit-exact. The manifest and every state array are
+checked before any output exists. ``verify`` runs the same tasks without writing.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..artifact.manifest import Manifest, TensorEntry, load_manifest
-from ..artifact.store import chunk_file, read_chunk, read_side_file
-from ..checkpoint import Checkpoint, CheckpointWriter, OutputTensor, TensorInfo, open_checkpoint, read_bits
+from ..artifact.store import chunk_file, read_chunk
+from ..checkpoint import Checkpoint, CheckpointWriter, OutputTensor, TensorInfo, open_checkpoint
 from ..checkpoint.writer import write_at
 from ..checksum import crc32c
 from ..engine import RunOptions, job_output, run_tasks
@@ -44,6 +46,7 @@ class RebuildTask:
     stored: bool
     method: Method
     arrays: tuple[StoredArray, ...]
+    stored_crc: tuple[int | None, ...]  # per array, the CRC of this chunk's data (None: format 1.0)
     out_path: str | None  # None: verify only
     out_offset: int
 
@@ -60,7 +63,7 @@ def rebuild_chunk(task: RebuildTask) -> dict:
     out = task.method.decode(base, _stored_chunk(task), c)
     if task.ft_crc is not None and crc32c(out) != task.ft_crc:
         where = chunk_file(task.root, task.entry_key, task.arrays[0].role, c.index) if task.arrays else task.root
-        raise CorruptChunkError(f"tensor '{c.tensor}' in file '{where}': rebuilt chunk {c.index} does not "
+        raise CorruptChunkError(f"{tensor_context(where, c.tensor)}: rebuilt chunk {c.index} does not "
                                 "match the fine-tune's checksum (corrupt or missing artifact chunk)")
     if task.out_path is not None:
         write_at(task.out_path, task.out_offset + c.start * out.itemsize, out, c.tensor)
@@ -71,18 +74,19 @@ def _stored_chunk(task: RebuildTask) -> dict[str, np.ndarray]:
     """The chunk's stored arrays; one that was never written (all zeros) is the fill value."""
     i = task.ctx.index
     if task.stored:
-        return {s.role: read_chunk(task.root, task.entry_key, s, i, task.ctx.tensor) for s in task.arrays}
+        return {s.role: read_chunk(task.root, task.entry_key, s, i, task.ctx.tensor, crc)
+                for s, crc in zip(task.arrays, task.stored_crc)}
     return {s.role: np.zeros(max(0, min(s.chunk_len, s.total_len - i * s.chunk_len)), s.dtype)
             for s in task.arrays}
 
 
 def check_chunk(task: RebuildTask) -> dict:
-    """verify without a base: a stored chunk must exist and pass its checksum."""
+    """verify without a base: a stored chunk must exist, decode and match its checksums."""
     if task.stored:
         for s in task.arrays:
             path = chunk_file(task.root, task.entry_key, s.role, task.ctx.index)
-            if not os.path.isfile(path):
-                raise CorruptChunkError(f"tensor '{task.ctx.tensor}' in file '{path}': stored chunk is missing")
+            if not os.path.lexists(path):
+                raise CorruptChunkError(f"{tensor_context(path, task.ctx.tensor)}: stored chunk is missing")
         _stored_chunk(task)
     return {}
 
@@ -108,13 +112,31 @@ def check_base(manifest: Manifest, base: Checkpoint) -> None:
                                  f"base: wrong base for '{manifest.path}'")
 
 
-def _tasks(manifest: Manifest, base: Checkpoint | None, where=None, device: str = "cpu") -> list[RebuildTask]:
-    tasks = []
-    seed = manifest.doc.get("seed") or 0
+@dataclass(frozen=True)
+class _Decoding:
+    """What decoding one tensor needs besides its chunks: read (and checked) before any output."""
+
+    entry: TensorEntry
+    state: dict
+    arrays: tuple[StoredArray, ...]
+    method: Method
+
+
+def _decodings(manifest: Manifest) -> list[_Decoding]:
+    out = []
     for entry in manifest.tensors:
         state = manifest.state(entry)
-        arrays = tuple(manifest.arrays(entry, state))
-        method = manifest.method_for(entry)
+        out.append(_Decoding(entry, state, tuple(manifest.arrays(entry, state)), manifest.method_for(entry)))
+    return out
+
+
+def _tasks(manifest: Manifest, decodings: list[_Decoding], base: Checkpoint | None, where=None,
+           device: str = "cpu") -> list[RebuildTask]:
+    tasks = []
+    seed = manifest.doc.get("seed") or 0
+    for d in decodings:
+        entry, state, arrays, method = d.entry, d.state, d.arrays, d.method
+        crcs = entry.stored_crc32c
         out_path, out_offset = where(entry.name) if where else (None, 0)
         binfo = base.tensors[entry.name] if base is not None and entry.base is not None else None
         for i, (start, stop) in enumerate(chunk_ranges(entry.numel, entry.chunk_elems)):
@@ -124,7 +146,9 @@ def _tasks(manifest: Manifest, base: Checkpoint | None, where=None, device: str 
                 root=manifest.path, entry_key=entry.key, ctx=ctx, base=binfo, base_numel=entry.base_numel,
                 base_crc=entry.base["chunk_crc32c"][i] if binfo is not None else None,
                 ft_crc=None if method.lossy else entry.ft_chunk_crc32c[i], stored=entry.stored_chunks[i],
-                method=method, arrays=arrays, out_path=out_path, out_offset=out_offset))
+                method=method, arrays=arrays,
+                stored_crc=tuple(crcs[s.role][i] if crcs is not None else None for s in arrays),
+                out_path=out_path, out_offset=out_offset))
     return tasks
 
 
@@ -141,16 +165,17 @@ def apply(base: str, artifact: str, out: str, *, max_shard_size: int = DEFAULT_M
     manifest = load_manifest(os.path.abspath(artifact))
     base_ckpt = open_checkpoint(base)
     check_base(manifest, base_ckpt)
+    decodings = _decodings(manifest)
     outputs = [OutputTensor(e.name, e.dtype.name, e.shape) for e in manifest.tensors]
-    plan = {"apply": manifest.doc["created"], "shard": max_shard_size}
+    plan = {"apply": manifest.digest, "shard": max_shard_size}
     with job_output(out, overwrite=overwrite, inputs=[base_ckpt.path, manifest.path], resume=resume, plan=plan,
-                    options=options) as (folder, options):
+                    options=options, needed=sum(o.nbytes for o in outputs)) as (folder, options):
         writer = CheckpointWriter(folder, outputs, max_shard_size, manifest.doc.get("fine_tune_metadata"))
-        writer.create(keep_existing=resume)
-        for name, key in manifest.side_files.items():
+        writer.create(keep_existing=resume, journal=options.journal)
+        for name in manifest.side_files:
             with open(os.path.join(folder, name), "wb") as f:
-                f.write(read_side_file(manifest.path, key, name))  # names checked on load
-        _run(rebuild_chunk, _tasks(manifest, base_ckpt, writer.location, device), "apply", options,
+                f.write(manifest.read_side_file(name))  # names checked on load
+        _run(rebuild_chunk, _tasks(manifest, decodings, base_ckpt, writer.location, device), "apply", options,
              manifest.tensors)
     return os.path.abspath(out)
 
@@ -159,12 +184,13 @@ def verify(artifact: str, base: str | None = None, *, options: RunOptions = RunO
     """Check an artifact's integrity; with a base, also that it is the right base and that the
     rebuild reproduces the fine-tune's checksums. Raises on the first problem."""
     manifest = load_manifest(os.path.abspath(artifact))
-    for name, key in manifest.side_files.items():
-        read_side_file(manifest.path, key, name)
+    for name in manifest.side_files:
+        manifest.read_side_file(name)
+    decodings = _decodings(manifest)
     if base is not None:
         base_ckpt = open_checkpoint(base)
         check_base(manifest, base_ckpt)
-        _run(rebuild_chunk, _tasks(manifest, base_ckpt), "verify", options, manifest.tensors)
+        _run(rebuild_chunk, _tasks(manifest, decodings, base_ckpt), "verify", options, manifest.tensors)
     else:
-        _run(check_chunk, _tasks(manifest, None), "verify", options, manifest.tensors)
+        _run(check_chunk, _tasks(manifest, decodings, None), "verify", options, manifest.tensors)
     return manifest

@@ -20,8 +20,10 @@ from ..artifact.store import create_arrays, tensor_key, write_chunk, write_root_
 from ..checkpoint import TensorInfo, open_checkpoint, read_bits
 from ..checksum import crc32c
 from ..engine import RunOptions, job_output, run_reduce
+from ..errors import ParameterError
 from ..methods import METHODS, Method, StoredArray
-from ..methods.base import ChunkContext, combine_partials
+from ..exact import NonFinite
+from ..methods.base import ChunkContext, combine_partials, non_finite_error
 from ..plan import DEFAULT_CHUNK_BYTES, pair_tensors
 from ..policy import Policy
 from .tensors import TensorJob, batches, prepare_jobs, read_pair_base, run_stats_passes
@@ -72,18 +74,24 @@ def compress_chunk(task: CompressTask) -> dict:
     for i, t in enumerate(task.targets):
         ft = read_bits(t.ft, t.ctx.start, t.ctx.stop)
         result = {**shared, "ft_crc_list": [crc32c(ft)]}
-        encoded, result["post"] = t.method.encode_with_stats(base, ft, t.ctx)
+        try:
+            encoded, result["post"] = t.method.encode_with_stats(base, ft, t.ctx)
+        except NonFinite:
+            raise non_finite_error(t.method, t.ctx, t.ft, task.base, ft, base) from None
         del ft  # unmap the input before the (slower) compression and write
         stored = any(a.any() for a in encoded.values())
-        if stored:
-            for spec in t.arrays:
-                write_chunk(t.root, t.key, spec, t.ctx.index, encoded[spec.role])
+        # the CRC of each array's chunk data, as a reader decodes it (0: not stored, read as zeros)
+        result["crc"] = {f"{s.role}_list": [write_chunk(t.root, t.key, s, t.ctx.index, encoded[s.role])
+                                            if stored else 0] for s in t.arrays}
         result["stored_list"] = [stored]
         results[str(i)] = result
     return results
 
 
-def _check_compact(method: Method) -> None:
+def _check_compact(method: Method, chunk_bytes: int) -> None:
+    if chunk_bytes > mf.MAX_CHUNK_BYTES:
+        raise ParameterError(f"chunk size {chunk_bytes} bytes is over the artifact format's limit of "
+                             f"{mf.MAX_CHUNK_BYTES} bytes per chunk")
     if not method.compact:
         raise method.fail("has no compact form to store; use 'deltastream edit' to write the edited checkpoint "
                           "(compress takes: " + ", ".join(sorted(n for n, m in METHODS.items() if m.compact)) + ")")
@@ -94,7 +102,7 @@ def compress(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes
              options: RunOptions = RunOptions(), device: str = "cpu") -> str:
     """Write the artifact of fine_tune's delta against base to ``out``; return its path.
     ``resume`` continues a killed run of the same job from its finished chunks."""
-    _check_compact(method)
+    _check_compact(method, chunk_bytes)
     base_ckpt, ft_ckpt = open_checkpoint(base), open_checkpoint(fine_tune)
     jobs = prepare_jobs(pair_tensors(base_ckpt, ft_ckpt, chunk_bytes), method, policy, ft_ckpt)
     plan = {"compress": method.get_config(), "seed": seed, "chunk": chunk_bytes, "policy": repr(policy)}
@@ -120,7 +128,7 @@ def compress_many(base: str, fine_tunes: list[str], out_dir: str, method: Method
                   device: str = "cpu") -> list[str]:
     """One artifact per fine-tune, ``out_dir/<name>.dsz``, in one graph that reads each base chunk
     once for all of them (the cluster batch job); return their paths."""
-    _check_compact(method)
+    _check_compact(method, chunk_bytes)
     base_ckpt = open_checkpoint(base)
     fts = [open_checkpoint(f) for f in fine_tunes]
     names = _artifact_names(fts)
@@ -162,13 +170,18 @@ def _write_pass(outputs: list[tuple[str, list[TensorJob]]], seed: int, options: 
     entries of each output's tensors."""
     tasks: dict[tuple[str, int, int], list[Target]] = {}
     base_of: dict[str, tuple] = {}
+    targets_of: dict[str, int] = {}  # tensor name -> how many outputs have it so far
+    slots = []  # per output: tensor name -> its target index in that tensor's tasks
     for root, jobs in outputs:
+        slots.append({})
         for job in jobs:
             key = tensor_key(job.index)
             arrays = tuple(job.method.stored_arrays(job.plan.ft.dtype, job.plan.ft.shape, job.plan.chunk_elems,
                                                     job.state))
             create_arrays(root, key, list(arrays))
             base_of[job.name] = (job.plan.base, job.plan.base_numel)
+            slots[-1][job.name] = targets_of.get(job.name, 0)
+            targets_of[job.name] = slots[-1][job.name] + 1
             for chunk in job.plan.chunks():
                 tasks.setdefault((job.name, chunk.start, chunk.stop), []).append(
                     Target(root, key, job.plan.ft, job.method, job.context(chunk, seed, device=device), arrays))
@@ -180,13 +193,12 @@ def _write_pass(outputs: list[tuple[str, list[TensorJob]]], seed: int, options: 
     for i, (root, jobs) in enumerate(outputs):
         entries = []
         for job in jobs:
-            # a tensor's targets are the outputs that have it, in order
-            r = results[job.name][str(sum(1 for _, js in outputs[:i] if any(j.name == job.name for j in js)))]
+            r = results[job.name][str(slots[i][job.name])]  # a tensor's targets: the outputs that have it
             if job.method.lossy:
                 job.state = job.method.finalize_post(r.get("post"), job.state)
             stored_state = {k: v for k, v in job.state.items() if not k.startswith("_")}
-            state_arrays = write_state_arrays(root, tensor_key(job.index), stored_state)
-            entries.append(_entry(job, r, stored_state, state_arrays))
+            state_arrays, state_crcs = write_state_arrays(root, tensor_key(job.index), stored_state)
+            entries.append(_entry(job, r, stored_state, state_arrays, state_crcs))
             job.state = {}  # written: let its memory go
         all_entries.append(entries)
     return all_entries
@@ -194,14 +206,15 @@ def _write_pass(outputs: list[tuple[str, list[TensorJob]]], seed: int, options: 
 
 def _finish(root, base_ckpt, ft, entries, method, policy, seed, chunk_bytes) -> None:
     """Side files, then the manifest: written last, it marks the artifact complete."""
-    side_keys = write_side_files(root, ft.side_files)
+    side_keys, side_digests = write_side_files(root, ft.side_files)
     manifest = mf.new_manifest(method=method, seed=seed, chunk_bytes=chunk_bytes, tensors=entries,
-                               side_files=side_keys, ft_metadata=ft.metadata, policy=policy,
-                               base_path=base_ckpt.path, ft_path=ft.path)
+                               side_files=side_keys, side_file_digests=side_digests, ft_metadata=ft.metadata,
+                               policy=policy, base_path=base_ckpt.path, ft_path=ft.path)
     write_root_attrs(root, {mf.ATTRS_KEY: manifest})
+    mf.load_manifest(root)  # what readers will check, checked now: never write an artifact apply refuses
 
 
-def _entry(job: TensorJob, r: dict, state: dict, state_arrays: list[str]) -> mf.TensorEntry:
+def _entry(job: TensorJob, r: dict, state: dict, state_arrays: list[str], state_crcs: dict) -> mf.TensorEntry:
     plan = job.plan
     base = None
     if plan.base is not None:
@@ -212,4 +225,5 @@ def _entry(job: TensorJob, r: dict, state: dict, state_arrays: list[str]) -> mf.
         name=plan.name, key=tensor_key(job.index), dtype=plan.ft.dtype, shape=plan.ft.shape,
         policy=job.policy, chunk_elems=plan.chunk_elems, base=base, ft_chunk_crc32c=r["ft_crc_list"],
         stored_chunks=r["stored_list"], rng_name=job.rng_name, state=json_state, state_arrays=state_arrays,
+        stored_crc32c={**{k[: -len("_list")]: v for k, v in r["crc"].items()}, **state_crcs},
     )

@@ -11,12 +11,11 @@ bit for bit.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..checkpoint import CheckpointWriter, OutputTensor, TensorInfo, open_checkpoint
+from ..checkpoint import CheckpointWriter, OutputTensor, TensorInfo, copy_side_file, open_checkpoint
 from ..checkpoint.writer import write_at
 from ..engine import RunOptions, job_output, run_tasks
 from ..methods import Method
@@ -61,11 +60,11 @@ def edit(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes: in
     plan = {"edit": method.get_config(), "seed": seed, "chunk": chunk_bytes, "policy": repr(policy),
             "shard": max_shard_size}
     with job_output(out, overwrite=overwrite, inputs=[base_ckpt.path, ft_ckpt.path], resume=resume, plan=plan,
-                    options=options) as (folder, options):
+                    options=options, needed=sum(o.nbytes for o in outputs)) as (folder, options):
         writer = CheckpointWriter(folder, outputs, max_shard_size, metadata)
-        writer.create(keep_existing=resume)
+        writer.create(keep_existing=resume, journal=options.journal)
         for name, path in ft_ckpt.side_files.items():
-            shutil.copyfile(path, os.path.join(folder, name))
+            copy_side_file(path, os.path.join(folder, name))
         for batch in batches(jobs):  # passes then writes, a batch of tensors' state at a time
             run_stats_passes(batch, seed, options, post=True)
             tasks = [EditTask(j.plan.ft, j.plan.base, j.plan.base_numel, j.method, j.context(chunk, seed, device=device),

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..checkpoint import Checkpoint, TensorInfo, read_bits
+from ..checkpoint import Checkpoint, TensorInfo, load_side_file, read_bits
 from ..engine import RunOptions, run_reduce
 from ..methods import Method
-from ..methods.base import ChunkContext, combine_partials
+from ..exact import NonFinite
+from ..methods.base import ChunkContext, combine_partials, non_finite_error
 from ..methods.lossless import Lossless
 from ..plan import Chunk, TensorPlan
 from ..policy import Policy
@@ -54,10 +55,10 @@ def tied_aliases(ft: Checkpoint) -> dict[str, str]:
     config_path = ft.side_files.get("config.json")
     if not config_path:
         return {}
+    text = load_side_file(config_path)  # a file that is no longer regular is refused, not skipped
     try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError):
+        config = json.loads(text)
+    except (ValueError, RecursionError):  # unreadable JSON: no ties (the file is carried as it is)
         return {}
     if not isinstance(config, dict) or not config.get("tie_word_embeddings", False):
         return {}
@@ -71,7 +72,7 @@ def prepare_jobs(plans: list[TensorPlan], method: Method, policy: Policy, ft: Ch
     jobs = []
     for i, plan in enumerate(plans):
         base_shape = plan.base.shape if plan.base is not None else None
-        chosen = policy.assign(plan.name, plan.ft.shape, plan.ft.dtype.is_float, method, base_shape)
+        chosen = policy.assign(plan.ft, method, base_shape)
         tensor_method = method if chosen == method.method_id else _EXACT
         jobs.append(TensorJob(index=i, plan=plan, policy=chosen, method=tensor_method,
                               rng_name=aliases.get(plan.name, plan.name),
@@ -111,9 +112,12 @@ class StatsTask:
 def stats_chunk(task: StatsTask):
     base, ft = read_pair(task.ft, task.base, task.base_numel, task.ctx.start, task.ctx.stop)
     delta = task.method.delta(base, ft, task.ctx)
-    if task.pass_index < 0:
-        return task.method.post_stats(delta, task.ctx)
-    return task.method.pre_stats(task.pass_index, delta, task.ctx)
+    try:
+        if task.pass_index < 0:
+            return task.method.post_stats(delta, task.ctx)
+        return task.method.pre_stats(task.pass_index, delta, task.ctx)
+    except NonFinite:
+        raise non_finite_error(task.method, task.ctx, task.ft, task.base, ft, base) from None
 
 
 #: the driver memory the tensors of one batch may hold in state and pass partials

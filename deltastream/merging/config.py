@@ -15,7 +15,12 @@
 Values follow mergekit's rules: a number; a list of numbers (a gradient over the layers, linearly
 interpolated at layer/(layers-1); embeddings and the head take the first value); or a list of
 ``{filter, value}`` (the first whose filter is a substring of the tensor name, or ``*``, or
-absent, wins). A per-model value wins over the global ``parameters``. Errors name the line.
+absent, wins). A per-model value wins over the global ``parameters``.
+
+The file is read by the bounded loader of ``deltastream.yamlconfig`` (size, depth, aliases), and
+every value is typed here, at load: paths are strings, each known parameter has its form and range
+(a density in [0, 1], above 0 for DARE; a flag true or false; every number finite). Errors name the
+file and line.
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ParameterError
+from ..errors import ParameterError, tensor_context
+from ..params import is_finite_number, range_problem
+from ..yamlconfig import load_yaml
+from .methods import MERGE_METHODS
 
 __all__ = ["MergeConfig", "ModelEntry", "load_merge_config", "resolve", "DTYPES"]
 
@@ -61,22 +69,7 @@ class MergeConfig:
 
     def where(self, *path) -> str:
         line = self.lines.get(tuple(path))
-        return f"file '{self.path}'" + (f" line {line}" if line else "")
-
-
-def _lines(node, path=()) -> dict[tuple, int]:
-    """Each key path of the YAML document -> its 1-based line."""
-    import yaml
-
-    out = {path: node.start_mark.line + 1}
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            out.update(_lines(value, path + (key.value,)))
-            out[path + (key.value,)] = key.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            out.update(_lines(item, path + (i,)))
-    return out
+        return tensor_context(self.path) + (f" line {line}" if line else "")
 
 
 def _resolve_path(ref: str, config_dir: str) -> str:
@@ -87,26 +80,14 @@ def _resolve_path(ref: str, config_dir: str) -> str:
 
 
 def load_merge_config(path: str) -> MergeConfig:
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        doc = yaml.safe_load(text)
-        lines = _lines(yaml.compose(text)) if doc else {}
-    except OSError as exc:
-        raise ParameterError(f"file '{path}': cannot read the merge config: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ParameterError(f"file '{path}'{f' line {mark.line + 1}' if mark else ''}: invalid YAML "
-                             f"({getattr(exc, 'problem', None) or exc})") from None
-    if not isinstance(doc, dict):
-        raise ParameterError(f"file '{path}': a merge config is a mapping (merge_method, base_model, models, ...)")
+    text, doc, lines = load_yaml(path, "the merge config")
 
     def where(*keys) -> str:
         line = lines.get(tuple(keys))
-        return f"file '{path}'" + (f" line {line}" if line else "")
+        return tensor_context(path) + (f" line {line}" if line else "")
 
+    if not isinstance(doc, dict):
+        raise ParameterError(f"{where()}: a merge config is a mapping (merge_method, base_model, models, ...)")
     for key in doc:
         if key not in TOP_KEYS:
             raise ParameterError(f"{where(key)}: unknown key '{key}' (valid: {', '.join(sorted(TOP_KEYS - set(UNSUPPORTED)))})")
@@ -118,8 +99,10 @@ def load_merge_config(path: str) -> MergeConfig:
         raise ParameterError(f"{where('tokenizer_source')}: tokenizer_source '{source}' is not supported: "
                              "only 'base' (the base model's tokenizer, embeddings cropped to it)")
     method = doc.get("merge_method")
-    if not isinstance(method, str):
+    if method is None:
         raise ParameterError(f"{where()}: missing 'merge_method'")
+    if not isinstance(method, str):
+        raise ParameterError(f"{where('merge_method')}: merge_method must be a name, not {method!r}")
     models_doc = doc.get("models")
     if not isinstance(models_doc, list) or not models_doc:
         raise ParameterError(f"{where('models')}: 'models' must be a non-empty list of {{model, parameters}}")
@@ -130,30 +113,102 @@ def load_merge_config(path: str) -> MergeConfig:
             entry = {"model": entry}
         if not isinstance(entry, dict) or "model" not in entry:
             raise ParameterError(f"{where('models', i)}: a model entry needs 'model: PATH'")
-        extra = sorted(set(entry) - {"model", "parameters"})
+        extra = sorted((k for k in entry if k not in ("model", "parameters")), key=str)
         if extra:
             raise ParameterError(f"{where('models', i, extra[0])}: unknown key '{extra[0]}' in a model entry "
                                  "(valid: model, parameters)")
-        params = entry.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise ParameterError(f"{where('models', i, 'parameters')}: 'parameters' must be a mapping")
-        ref = str(entry["model"])
-        models.append(ModelEntry(ref, _resolve_path(ref, config_dir), dict(params), lines.get(("models", i), 0)))
+        ref = _path(entry["model"], "model", where("models", i, "model"))
+        params = _parameters(entry.get("parameters"), method, lambda *k: where("models", i, "parameters", *k))
+        models.append(ModelEntry(ref, _resolve_path(ref, config_dir), params, lines.get(("models", i), 0)))
     base = doc.get("base_model")
+    base = _path(base, "base_model", where("base_model")) if base is not None else None
     dtypes = {}
     for key in ("dtype", "out_dtype"):
         value = doc.get(key)
         if value is not None and str(value) not in DTYPES:
             raise ParameterError(f"{where(key)}: {key} '{value}' is not one of {', '.join(sorted(set(DTYPES)))}")
         dtypes[key] = DTYPES[str(value)] if value is not None else None
-    params = doc.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise ParameterError(f"{where('parameters')}: 'parameters' must be a mapping")
+    params = _parameters(doc.get("parameters"), method, lambda *k: where("parameters", *k), top=True)
     return MergeConfig(path=os.path.abspath(path), text=text, method=method,
-                       base=_resolve_path(str(base), config_dir) if base is not None else None,
-                       base_ref=str(base) if base is not None else None,
-                       models=tuple(models), parameters=dict(params), dtype=dtypes["dtype"],
+                       base=_resolve_path(base, config_dir) if base is not None else None, base_ref=base,
+                       models=tuple(models), parameters=params, dtype=dtypes["dtype"],
                        out_dtype=dtypes["out_dtype"], lines=lines)
+
+
+def _path(value: Any, key: str, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ParameterError(f"{where}: {key} must be a path, not {value!r}")
+    return value
+
+
+# --- parameters, typed at load: (low, high, low_open) ranges of the per-tensor numbers ---------
+
+_RANGES = {"weight": (None, None, False), "density": (0, 1, False), "epsilon": (0, 1, False),
+           "gamma": (0, 1, False)}
+_FLAGS = ("normalize", "rescale", "int8_mask", "global_trim")
+_CHOICES = {"consensus": ("mergekit", "official")}
+
+
+def _parameters(value: Any, method: str, where, top: bool = False) -> dict[str, Any]:
+    """A ``parameters`` mapping, each value checked by its key's type (unknown keys are left
+    to the method's own check, which lists the valid ones)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ParameterError(f"{where()}: 'parameters' must be a mapping")
+    for key, setting in value.items():
+        if key in _RANGES:
+            _setting(key, setting, _range(key, method), where, (key,))
+        elif top and key in _FLAGS and not isinstance(setting, bool):
+            raise ParameterError(f"{where(key)}: {key} must be true or false, not {setting!r}")
+        elif top and key == "lambda" and not (_number(setting) and is_finite_number(setting)):
+            raise ParameterError(f"{where(key)}: lambda must be a finite number, not {setting!r}")
+        elif top and key in _CHOICES and setting not in _CHOICES[key]:
+            raise ParameterError(f"{where(key)}: {key} must be one of {', '.join(_CHOICES[key])}, not {setting!r}")
+    return dict(value)
+
+
+def _range(key: str, method: str) -> tuple:
+    """The key's range for this method: DARE keeps each entry with probability density, so a
+    density of 0 (keep nothing, p = 1) is no DARE."""
+    low, high, low_open = _RANGES[key]
+    spec = MERGE_METHODS.get(method)
+    return (low, high, True) if key == "density" and spec is not None and spec.sparsify == "random" else \
+        (low, high, low_open)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _setting(key: str, setting: Any, bounds: tuple, where, at: tuple, nested: bool = False) -> None:
+    """A number; a non-empty list of numbers (a gradient); or (not nested) a list of
+    ``{filter, value}`` whose values are either."""
+    if _number(setting):
+        low, high, low_open = bounds
+        if not is_finite_number(setting):
+            raise ParameterError(f"{where(*at)}: {key} must be a finite number, not {setting!r}")
+        problem = range_problem(key, setting, low, high, low_open)
+        if problem:
+            raise ParameterError(f"{where(*at)}: {problem}")
+    elif isinstance(setting, list) and setting and all(_number(x) for x in setting):
+        for i, x in enumerate(setting):
+            _setting(key, x, bounds, where, at + (i,), nested)
+    elif not nested and isinstance(setting, list) and setting and all(isinstance(x, dict) for x in setting):
+        for i, entry in enumerate(setting):
+            extra = sorted((k for k in entry if k not in ("filter", "value")), key=str)
+            if extra:
+                raise ParameterError(f"{where(*at, i, extra[0])}: unknown key '{extra[0]}' in a filter entry "
+                                     "(valid: filter, value)")
+            if "value" not in entry:
+                raise ParameterError(f"{where(*at, i)}: a filter entry needs 'value'")
+            if entry.get("filter") is not None and not isinstance(entry["filter"], str):
+                raise ParameterError(f"{where(*at, i, 'filter')}: filter must be a string, not {entry['filter']!r}")
+            _setting(key, entry["value"], bounds, where, at + (i, "value"), nested=True)
+    else:
+        forms = "a number or a list of numbers (a gradient)" if nested else \
+            "a number, a list of numbers (a gradient) or a list of {filter, value}"
+        raise ParameterError(f"{where(*at)}: {key} must be {forms}, not {setting!r}")
 
 
 def layer_position(tensor: str, layers: int) -> float:

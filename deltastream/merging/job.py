@@ -18,18 +18,21 @@ import json
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .._version import __version__
-from ..checkpoint import Checkpoint, CheckpointWriter, OutputTensor, TensorInfo, open_checkpoint, read_bits
+from ..checkpoint import Checkpoint, CheckpointWriter, OutputTensor, TensorInfo, copy_side_file, open_checkpoint, \
+    load_side_file, read_bits
 from ..checkpoint.writer import write_at
-from ..dtypes import DTYPES, from_float32, to_float32
+from ..dtypes import COMPUTABLE, DTYPES, from_float32, to_float32
 from ..engine import RunOptions, job_output, run_tasks
-from ..errors import MismatchError, ParameterError, tensor_context
+from ..errors import CheckpointError, MismatchError, ParameterError, tensor_context
 from ..jobs.tensors import TensorJob, run_stats_passes
-from ..methods.base import ChunkContext, LossyMethod
+from ..exact import NonFinite
+from ..methods.base import ChunkContext, LossyMethod, NonFiniteDelta, non_finite_error
 from ..plan import DEFAULT_CHUNK_BYTES, TensorPlan, chunk_elements
 from ..ranks import slices
 from ..policy import DEFAULT_KEEP_EXACT
@@ -73,26 +76,35 @@ def merge_chunk(task: MergeTask) -> None:
     if task.spec is None:
         out = read_bits(task.base, s, e)
     else:
-        base = _f32(task.base, s, e)
-        if task.linear:
-            merged = linear([_f32(p.info, s, e) for p in task.parts], [p.weight for p in task.parts],
-                            task.normalize)
-        else:
-            deltas = []
-            for part in task.parts:
-                delta = _f32(part.info, s, e)
-                delta -= base
-                if part.method is not None:  # sparsifiers edit in place
-                    delta = part.method.edit_delta(delta, part.ctx)
-                deltas.append(delta)
-            # combined a slice at a time: the temporaries stay small and in cache
-            for a, b in slices(e - s):
-                base[a:b] = combine(base[a:b], [d[a:b] for d in deltas], [p.weight for p in task.parts], task.spec,
-                                    normalize=task.normalize, lam=task.lam, official=task.official)
-            merged = base
-        out = from_float32(np.ascontiguousarray(merged, np.float32), DTYPES[task.out_dtype],
-                           out=np.empty(e - s, DTYPES[task.out_dtype].bits))
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite values are carried element-wise
+            out = _merged_bits(task, s, e)
     write_at(task.out_path, task.out_offset + s * out.itemsize, out, task.name)
+
+
+def _merged_bits(task: MergeTask, s: int, e: int) -> np.ndarray:
+    """The merged output of elements [s, e) of a float tensor, as the output dtype's bits."""
+    base = _f32(task.base, s, e)
+    if task.linear:
+        merged = linear([_f32(p.info, s, e) for p in task.parts], [p.weight for p in task.parts], task.normalize)
+    else:
+        deltas = []
+        for part in task.parts:
+            delta = _f32(part.info, s, e)
+            delta -= base
+            if part.method is not None:  # sparsifiers edit in place
+                try:
+                    delta = part.method.edit_delta(delta, part.ctx)
+                except NonFinite:
+                    raise non_finite_error(part.method, part.ctx, part.info, task.base, read_bits(part.info, s, e),
+                                           read_bits(task.base, s, e)) from None
+            deltas.append(delta)
+        # combined a slice at a time: the temporaries stay small and in cache
+        for a, b in slices(e - s):
+            base[a:b] = combine(base[a:b], [d[a:b] for d in deltas], [p.weight for p in task.parts], task.spec,
+                                normalize=task.normalize, lam=task.lam, official=task.official)
+        merged = base
+    return from_float32(np.ascontiguousarray(merged, np.float32), DTYPES[task.out_dtype],
+                        out=np.empty(e - s, DTYPES[task.out_dtype].bits))
 
 
 def _is_embed(name: str) -> bool:
@@ -174,7 +186,7 @@ def merge(config: str, out: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, memo
         raise ParameterError(f"{cfg.where('base_model')}: base_model not found ({cfg.base})")
     inputs = [cfg.base] if cfg.base else []
     plan = {"merge": cfg.text, "seed": seed, "chunk": chunk_bytes, "strict": strict, "shard": max_shard_size}
-    with job_output(out, overwrite=overwrite, inputs=inputs + [m.path for m in cfg.models], resume=resume,
+    with job_output(out, overwrite=overwrite, inputs=[cfg.path] + inputs + [m.path for m in cfg.models], resume=resume,
                     plan=plan, options=options) as (folder, options):
         scratch_dir = os.path.join(folder, ".inputs")
         base = open_checkpoint(cfg.base) if cfg.base else None
@@ -185,14 +197,15 @@ def merge(config: str, out: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, memo
         layers = len({n.split(".layers.")[1].split(".")[0] for n in reference.tensors if ".layers." in n})
         matched = _match_tensors(cfg, reference, models, strict)
         jobs = _sparsifier_jobs(cfg, spec, matched, layers, flags["rescale"], chunk_bytes)
-        run_stats_passes(list(jobs.values()), seed, options, post=True)
+        with _non_finite_remedy(cfg.method):
+            run_stats_passes(list(jobs.values()), seed, options, post=True)
         out_dtype = cfg.out_dtype or cfg.dtype
-        outputs = [OutputTensor(n, (out_dtype if b.dtype.is_float and out_dtype else b.dtype.name), b.shape)
+        outputs = [OutputTensor(n, (out_dtype if b.dtype.computable and out_dtype else b.dtype.name), b.shape)
                    for n, b, _ in matched]
         metadata = {"deltastream_merge": cfg.method, "deltastream_seed": str(seed),
                     "deltastream_version": __version__}
         writer = CheckpointWriter(folder, outputs, max_shard_size, metadata)
-        writer.create(keep_existing=resume)
+        writer.create(keep_existing=resume, journal=options.journal)
         tasks = []
         for (name, binfo, parts), output in zip(matched, outputs):
             path, offset = writer.location(name)
@@ -211,12 +224,13 @@ def merge(config: str, out: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, memo
                 model_parts = tuple(ModelPart(info, w, j.method if j else None, j.context(chunk, seed) if j else None)
                                     for info, w, j in zip(parts, weights, tensor_jobs))
                 tasks.append(MergeTask(name, binfo, chunk.start, chunk.stop, model_parts,
-                                       spec if binfo.dtype.is_float else None, cfg.method == "linear",
+                                       spec if binfo.dtype.computable else None, cfg.method == "linear",
                                        flags["normalize"], flags["lambda"], flags["official"], output.dtype,
                                        path, offset))
-        run_tasks(merge_chunk, tasks, name="merge", options=options,
-                  total_bytes=sum((len(t.parts) + 1) * (t.stop - t.start) * t.base.dtype.itemsize for t in tasks),
-                  bytes_of=lambda t: (len(t.parts) + 1) * (t.stop - t.start) * t.base.dtype.itemsize)
+        with _non_finite_remedy(cfg.method):
+            run_tasks(merge_chunk, tasks, name="merge", options=options,
+                      total_bytes=sum((len(t.parts) + 1) * (t.stop - t.start) * t.base.dtype.itemsize for t in tasks),
+                      bytes_of=lambda t: (len(t.parts) + 1) * (t.stop - t.start) * t.base.dtype.itemsize)
         shutil.rmtree(scratch_dir, ignore_errors=True)
         _write_side_files(folder, reference, out_dtype)
         with open(os.path.join(folder, "mergekit_config.yml"), "w", encoding="utf-8") as f:
@@ -224,6 +238,17 @@ def merge(config: str, out: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, memo
         with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
             f.write(model_card(cfg, os.path.basename(os.path.abspath(out)), seed))
     return os.path.abspath(out)
+
+
+@contextmanager
+def _non_finite_remedy(method: str):
+    """A sparsifier's non-finite error, with the merge's own reason (a merge has no --exclude)."""
+    try:
+        yield
+    except NonFiniteDelta as exc:
+        raise NonFiniteDelta(exc.args[0], f"merge_method '{method}' sparsifies by figures over the whole tensor or "
+                             "row and refuses a non-finite delta (linear, task_arithmetic and a plain DARE carry "
+                             "it element-wise)") from None
 
 
 def _params(cfg: MergeConfig, entry, name: str, layers: int) -> dict:
@@ -241,8 +266,21 @@ def _match_tensors(cfg: MergeConfig, reference: Checkpoint, models: list[Checkpo
             if info is None:
                 raise MismatchError(f"{tensor_context(model.path, name)}: missing from model '{entry.model}'")
             parts.append(_crop(info, binfo, entry.model, strict))
+        _check_dtypes(binfo, parts)
         matched.append((name, binfo, parts))
     return matched
+
+
+def _check_dtypes(binfo: TensorInfo, parts: list[TensorInfo]) -> None:
+    """A tensor is merged in float32 (every input computable) or, for integers and bool, copied
+    from the reference. Any other float (fp8) or complex tensor is refused, as is a model whose
+    dtype cannot be widened: mergekit would merge those in its working dtype, and copying the
+    base's would silently drop the models' change."""
+    floating = binfo.dtype.is_float or binfo.dtype.kind == "complex"
+    for info in [binfo] + parts if floating else ():
+        if not info.dtype.computable:
+            raise ParameterError(f"{tensor_context(info.path, info.name)}: cannot merge dtype {info.dtype.name} "
+                                 f"(merges compute in float32, from {COMPUTABLE}); convert the checkpoints first")
 
 
 def _sparsifier_jobs(cfg: MergeConfig, spec: MergeSpec, matched: list, layers: int, rescale: bool,
@@ -253,7 +291,7 @@ def _sparsifier_jobs(cfg: MergeConfig, spec: MergeSpec, matched: list, layers: i
     if spec.sparsify is None:
         return jobs
     for name, binfo, parts in matched:
-        if not binfo.dtype.is_float:
+        if not binfo.dtype.computable:
             continue
         # DELLA ranks within rows: a chunk holds whole rows (a 1-D tensor is one row)
         row = binfo.shape[-1] if len(binfo.shape) >= 2 else max(1, binfo.numel)
@@ -274,13 +312,18 @@ def _write_side_files(folder: str, reference: Checkpoint, out_dtype: str | None)
     for name, path in reference.side_files.items():
         target = os.path.join(folder, name)
         if name == "config.json" and out_dtype:
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f)
+            text = load_side_file(path)
+            try:
+                config = json.loads(text)
+            except (ValueError, RecursionError):
+                config = None
+            if not isinstance(config, dict):
+                raise CheckpointError(f"{tensor_context(path)}: cannot set torch_dtype: not a JSON object")
             config["torch_dtype"] = names[out_dtype]
             with open(target, "w", encoding="utf-8") as f:
                 json.dump(config, f, indent=2)
         else:
-            shutil.copyfile(path, target)
+            copy_side_file(path, target)
 
 
 def model_card(cfg: MergeConfig, title: str, seed: int) -> str:

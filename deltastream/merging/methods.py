@@ -4,10 +4,14 @@ Per tensor, with delta_i = f32(model_i) - f32(base) and w_i the model's weight::
 
     delta_i' = sparsify_i(delta_i)                    (trim, DARE, DELLA or breadcrumbs; or none)
     with consensus:  m_i = sign(w_i delta_i') == sign(sum_j w_j delta_j')   (sum >= 0 counts as +;
-                     a zero never agrees);  mixed = sum m_i w_i delta_i';  divisor = sum m_i w_i (0 -> 1)
-    without:         mixed = sum w_i delta_i';  divisor = sum w_i (|.| < 1e-8 -> 1)
+                     a zero never agrees);  mixed = sum m_i w_i delta_i';  divisor = sum m_i w_i
+    without:         mixed = sum w_i delta_i';  divisor = sum w_i
     mixed /= divisor if normalize;  out = base + lambda * mixed
     linear:          out = sum w_i model_i / (sum w_i if normalize)
+
+Every divisor whose magnitude is under 1e-8 becomes 1 (mergekit's rule for task arithmetic; its
+consensus path maps only 0, its linear none): weights that cancel give the plain weighted sum,
+never an infinite merge.
 
 ``consensus: official`` uses the official TIES rule instead: the sign of the unweighted sum elects,
 and the merge is the unweighted mean of the agreeing deltas (weights ignored).
@@ -22,13 +26,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import kernels
-from ..exact import magnitude_sum, total
+from ..exact import NonFinite, magnitude_sum
 from ..methods.base import ChunkContext, LossyMethod
-from ..methods.dare import Dare
+from ..methods.dare import Dare, l1_factor
 from ..methods.trim import Trim
 from ..rng import uniform_u32
 
-__all__ = ["MergeSpec", "MERGE_METHODS", "sparsifier", "TopK", "Outliers", "DellaPrune"]
+__all__ = ["MergeSpec", "MERGE_METHODS", "sparsifier", "TopK", "Outliers", "DellaPrune", "TINY_DIVISOR"]
+
+TINY_DIVISOR = 1e-8  # a normalising divisor under this in magnitude becomes 1
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,8 @@ class DellaPrune(LossyMethod):
         if ctx.start % cols or delta.size % cols:
             raise ValueError(f"tensor '{ctx.tensor}': DELLA needs whole rows in a chunk")
         mag = np.abs(delta).reshape(-1, cols)
+        if not np.isfinite(mag.max(initial=0.0)):  # ranks within a row: a NaN has none
+            raise NonFinite("a NaN or infinite magnitude has no rank")
         ranks = np.empty(mag.shape, np.float64)
         order = np.argsort(mag, axis=1, kind="stable")
         np.put_along_axis(ranks, order, np.arange(cols, dtype=np.float64)[None, :], axis=1)
@@ -115,9 +123,7 @@ class DellaPrune(LossyMethod):
         return {"abs": magnitude_sum(delta), "abs_kept": magnitude_sum(delta, self.keep(delta, ctx))}
 
     def finalize_post(self, combined, state):
-        kept = total(combined["abs_kept"]) if combined else 0.0
-        before = total(combined["abs"]) if combined else 0.0
-        return {**state, "factor": before / kept if kept >= 1e-7 and before >= 1e-7 else 1.0}
+        return {**state, "factor": l1_factor(combined)}
 
     def edit_delta(self, delta, ctx):
         keep = self.keep(delta, ctx)
@@ -155,14 +161,12 @@ def combine(base: np.ndarray, deltas: list[np.ndarray], weights: list[float], sp
         for x, wi in zip(terms, w):  # x where it agrees with the elected sign (a zero never does)
             kernels.consensus_add(x, sign, np.float32(1) if official else wi, mixed, divisor)
         if official or normalize:
-            divisor[divisor == 0] = 1
-            mixed /= divisor
+            mixed /= _safe_divisor(divisor)
     else:
         for wi, d in zip(w, deltas):
             mixed += wi * d
         if normalize:
-            divisor = sum(w)
-            mixed /= divisor if abs(divisor) >= 1e-8 else np.float32(1)
+            mixed /= _safe_divisor(sum(w))
     mixed *= np.float32(lam)
     mixed += base
     return mixed
@@ -170,6 +174,13 @@ def combine(base: np.ndarray, deltas: list[np.ndarray], weights: list[float], sp
 
 def linear(models: list[np.ndarray], weights: list[float], normalize: bool) -> np.ndarray:
     mixed = sum(np.float32(w) * m for w, m in zip(weights, models))
-    total_w = np.float32(sum(weights))
-    return np.asarray(mixed / total_w if normalize else mixed, np.float32)
+    return np.asarray(mixed / _safe_divisor(np.float32(sum(weights))) if normalize else mixed, np.float32)
+
+
+def _safe_divisor(divisor):
+    """The divisor (a float32 scalar, or an array changed in place) with |values| < 1e-8 set to 1."""
+    if np.ndim(divisor):
+        divisor[np.abs(divisor) < TINY_DIVISOR] = 1
+        return divisor
+    return divisor if abs(divisor) >= TINY_DIVISOR else np.float32(1)
 

@@ -20,6 +20,12 @@ What a method does with a chunk, in the order the jobs call it:
    ``edit_bits`` = ``decode(encode(...))`` for methods with a compact form, so that
    ``apply`` of an artifact and ``edit`` give the same bits by construction.
 
+A figure over the whole tensor (a mean, a threshold, a product) cannot be made of a NaN or an
+infinity: the code computing it raises ``exact.NonFinite`` (noticed on its slow path, never
+looked for on the fast one), and the job's chunk task re-raises it with :func:`non_finite_error`,
+which finds the first such element. Element-wise edits (DARE, DARE-k, biased, extrapolate) carry
+NaN and infinities through as the reference implementations do.
+
 Chunk i of a tensor's plan is chunk i of every stored array. A tensor's ``state`` is a dict:
 JSON values go to the manifest, numpy arrays to arrays of the tensor's group, and keys starting
 with ``_`` are the encoder's own (thresholds, tie offsets, factors to encode from): they reach
@@ -36,12 +42,13 @@ import numpy as np
 
 from .. import kernels
 from ..dtypes import DType, from_float32, to_float32
-from ..errors import ParameterError
+from ..errors import CheckpointError, ParameterError, escape, tensor_context
 from ..params import describe_params, parse_params
 from ..rng import tensor_key
 from ..scratch import scratch
 
-__all__ = ["Method", "LossyMethod", "StoredArray", "ChunkContext", "combine_partials"]
+__all__ = ["Method", "LossyMethod", "StoredArray", "ChunkContext", "combine_partials", "NonFiniteDelta",
+           "non_finite_error"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,42 @@ def combine_partials(a: dict | None, b: dict | None) -> dict | None:
     return out
 
 
+class NonFiniteDelta(CheckpointError):
+    """A whole-tensor figure met a NaN or infinite delta (a value in a checkpoint). ``args``:
+    where and what, then why and what to do (a merge, which has no --exclude, replaces it)."""
+
+    def __str__(self) -> str:
+        return "; ".join(self.args)
+
+
+def non_finite_error(method: Method, ctx: ChunkContext, ft, base, ft_bits: np.ndarray,
+                     base_bits: np.ndarray) -> NonFiniteDelta:
+    """The error for a chunk whose delta is not finite: the first such element, by its flat index
+    in the tensor, and the file (``ft``/``base``: the inputs' TensorInfo, base None if new) whose
+    value makes it so. Runs on the error path only."""
+    f, b = _values(ft_bits, ctx.dtype), _values(base_bits, ctx.dtype)
+    bad = np.flatnonzero(~np.isfinite(method.delta(base_bits, ft_bits, ctx)))
+    why = (f"method '{method.method_id}' computes figures over the whole tensor and refuses a non-finite delta; "
+           f"keep it exact with --exclude '{escape(ft.name)}'")
+    if bad.size == 0:  # not from the inputs (cannot happen with the methods here): say where
+        return NonFiniteDelta(f"{tensor_context(ft.path, ft.name)}: a non-finite value in elements "
+                              f"{ctx.start}..{ctx.stop}", why)
+    i = int(bad[0])
+    fv, bv, at = float(f[i]), float(b[i]), ctx.start + i
+    if not np.isfinite(fv):
+        where, what = ft.path, f"element {at} is {fv:.6g} (base: {bv:.6g})"
+    elif not np.isfinite(bv):
+        where, what = base.path, f"element {at} of the base is {bv:.6g} (fine-tune: {fv:.6g})"
+    else:
+        where, what = ft.path, f"element {at}: its delta {fv:.6g} - {bv:.6g} overflows float32"
+    return NonFiniteDelta(f"{tensor_context(where, ft.name)}: {what}", why)
+
+
+def _values(bits: np.ndarray, dtype: DType) -> np.ndarray:
+    """A chunk's values in their own precision where numpy has it (F64), else as float32."""
+    return bits.view(dtype.numpy) if dtype.numpy else to_float32(bits, dtype)
+
+
 class Method:
     """Base class: subclasses set ``method_id``, ``Params``, ``summary`` and the array functions."""
 
@@ -113,8 +156,7 @@ class Method:
     Params: ClassVar[type]
     summary: ClassVar[str] = ""
     compact: ClassVar[bool] = True  # has an artifact form (compress accepts it)
-    lossy: ClassVar[bool] = True
-    float_only: ClassVar[bool] = True  # applies to float tensors only
+    lossy: ClassVar[bool] = True  # computes in float32, on DType.computable dtypes only (policy.py)
 
     def __init__(self, params: Any = None, **values: Any):
         self.params = params if params is not None else parse_params(self.method_id, self.Params, values)
@@ -186,6 +228,12 @@ class Method:
         return state
 
     # --- the artifact form -------------------------------------------------------------------
+    def state_layout(self, shape: tuple[int, ...]) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """The stored state of a tensor of this shape, name -> (kind, shape): kind "number" or
+        "int" (a JSON value), "numbers" (a JSON list of shape[0] numbers) or "array" (a float32
+        state array). A reader checks an artifact's state against it before decoding."""
+        return {}
+
     def stored_arrays(self, dtype: DType, shape: tuple[int, ...], chunk_elems: int,
                       state: dict) -> list[StoredArray]:
         raise NotImplementedError
@@ -216,22 +264,31 @@ class LossyMethod(Method):
     """
 
     def delta(self, base: np.ndarray, ft: np.ndarray, ctx: ChunkContext) -> np.ndarray:
+        """f32(ft) - f32(base); for F64, the exact difference rounded once to float32."""
         out = scratch("lossy.delta", ft.size, np.float32)
         if ctx.dtype.name == "BF16":
             kernels.bf16_delta(base, ft, out)
             return out
-        to_float32(ft, ctx.dtype, out=out)
-        out -= to_float32(base, ctx.dtype, out=scratch("lossy.base", base.size, np.float32))
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, carried or refused later
+            if ctx.dtype.name == "F64":
+                np.subtract(ft.view(np.float64), base.view(np.float64), out=out, casting="same_kind")
+                return out
+            to_float32(ft, ctx.dtype, out=out)
+            out -= to_float32(base, ctx.dtype, out=scratch("lossy.base", base.size, np.float32))
         return out
 
     def output_bits(self, base: np.ndarray, edited: np.ndarray, ctx: ChunkContext) -> np.ndarray:
-        """round(f32(base) + edited) in the tensor's dtype (edited is overwritten)."""
+        """round(f32(base) + edited) in the tensor's dtype (edited is overwritten); F64 adds in
+        float64, so an element the edit leaves at 0 keeps the base's exact value."""
+        out = scratch("lossy.out", base.size, ctx.dtype.bits)
         if ctx.dtype.name == "BF16":  # one fused pass
-            out = scratch("lossy.out", base.size, ctx.dtype.bits)
             kernels.bf16_add_round(base, edited, out)
             return out
-        edited += to_float32(base, ctx.dtype, out=scratch("lossy.base", base.size, np.float32))
-        return from_float32(edited, ctx.dtype, out=scratch("lossy.out", base.size, ctx.dtype.bits))
+        with np.errstate(invalid="ignore", over="ignore"):  # inf + -inf, or beyond F16's range
+            if ctx.dtype.name == "F64":
+                return np.add(base.view(np.float64), edited, out=out.view(np.float64)).view(ctx.dtype.bits)
+            edited += to_float32(base, ctx.dtype, out=scratch("lossy.base", base.size, np.float32))
+            return from_float32(edited, ctx.dtype, out=out)
 
     def encode(self, base, ft, ctx):
         return self.encode_delta(self.delta(base, ft, ctx), base, ft, ctx)

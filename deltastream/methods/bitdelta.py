@@ -177,6 +177,13 @@ class BitDelta(LossyMethod):
         return {} if self._blocks else {"_rows": self._rows(shape)}
 
     # --- the artifact form ----------------------------------------------------------------------
+    def state_layout(self, shape):
+        if self._blocks:
+            return self._blocks.state_layout(shape)
+        if self.params.per == "row":
+            return {"alpha": ("array", (self.levels, self._rows(shape)))}
+        return {"alpha": ("numbers", (self.levels,))}
+
     def stored_arrays(self, dtype, shape, chunk_elems, state):
         if self._blocks:
             return self._blocks.stored_arrays(dtype, shape, chunk_elems, state)

@@ -100,6 +100,9 @@ class MagnitudeBlocks(RankPasses, LossyMethod):
         return {**state, "levels": levels, "_tie_offsets": offsets}
 
     # --- the artifact form ----------------------------------------------------------------------
+    def state_layout(self, shape):
+        return {"levels": ("numbers", (2 ** self.params.bits,))}
+
     def stored_arrays(self, dtype, shape, chunk_elems, state):
         numel = math.prod(shape)
         return [packed_array("signs", chunk_elems, numel),

@@ -33,9 +33,18 @@ from ..scratch import scratch
 from .base import ChunkContext, LossyMethod, StoredArray
 from .lossless import unzigzag, zigzag
 
-__all__ = ["Dare", "Biased", "keep_mask", "exact_delta"]
+__all__ = ["Dare", "Biased", "keep_mask", "exact_delta", "l1_factor"]
 
 RESCALES = ("inverse", "l1", "none")
+L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescale when either L1 norm is below this
+
+
+def l1_factor(combined: dict | None) -> float:
+    """||delta||_1 / ||kept delta||_1 from exact partial sums (``abs``, ``abs_kept``); 1 when
+    either norm is under L1_EPS (mergekit's rule), so a near-empty mask never blows up."""
+    before = total(combined["abs"]) if combined else 0.0
+    kept = total(combined["abs_kept"]) if combined else 0.0
+    return before / kept if kept >= L1_EPS and before >= L1_EPS else 1.0
 
 
 def keep_threshold(p: float) -> int:
@@ -81,6 +90,9 @@ class Dare(LossyMethod):
     Params = DareParams
     summary = "random drop of a fraction p of the delta, rescaled (DARE); k: the paper's DARE-k"
 
+    def state_layout(self, shape):
+        return {"factor": ("number", ())} if self.params.rescale == "l1" else {}
+
     def stored_arrays(self, dtype, shape, chunk_elems, state) -> list[StoredArray]:
         role = "kept" if self.params.k == 0 else "delta"
         return [StoredArray(role, dtype.bits, chunk_elems, math.prod(shape), "delta")]
@@ -92,8 +104,7 @@ class Dare(LossyMethod):
 
     def finalize_post(self, combined, state):
         if self.params.rescale == "l1":
-            kept = total(combined["abs_kept"]) if combined else 0.0
-            state = {**state, "factor": total(combined["abs"]) / kept if kept > 0 else 1.0}
+            state = {**state, "factor": l1_factor(combined)}
         return state
 
     def factor(self, ctx: ChunkContext) -> np.float32:
@@ -151,8 +162,9 @@ class Dare(LossyMethod):
             delta[~keep] = 0
         else:
             p, k = self.params.p, self.params.k
-            delta *= kernels.select(keep, np.float32((1 - k * p) / (1 - p)), np.float32(k),
-                                    scratch("dare.multiplier", delta.size, np.float32))
+            with np.errstate(invalid="ignore"):  # a zero multiplier times an infinite delta: NaN, carried
+                delta *= kernels.select(keep, np.float32((1 - k * p) / (1 - p)), np.float32(k),
+                                        scratch("dare.multiplier", delta.size, np.float32))
         return delta
 
     def decode_delta(self, stored, base, ctx):
@@ -184,6 +196,7 @@ class Biased(LossyMethod):
 
     def edit_delta(self, delta, ctx):
         p, k = self.params.p, self.params.k
-        delta *= kernels.select(delta < 0, np.float32(k), np.float32((1 - k * p) / (1 - p)),
-                                scratch("biased.multiplier", delta.size, np.float32))
+        with np.errstate(invalid="ignore"):  # a zero multiplier times an infinite delta: NaN, carried
+            delta *= kernels.select(delta < 0, np.float32(k), np.float32((1 - k * p) / (1 - p)),
+                                    scratch("biased.multiplier", delta.size, np.float32))
         return delta

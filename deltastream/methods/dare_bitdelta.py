@@ -44,6 +44,9 @@ class DareBitDelta(LossyMethod):
     Params = DareBitDeltaParams
     summary = "DARE's random drop, then the signs of the kept entries and one scale (densest storage)"
 
+    def state_layout(self, shape):
+        return {"alpha": ("number", ())}
+
     def stored_arrays(self, dtype, shape, chunk_elems, state):
         return [packed_array("signs", chunk_elems, math.prod(shape), compression="front")]
 

@@ -32,5 +32,6 @@ class Extrapolate(LossyMethod):
     compact = False
 
     def edit_delta(self, delta, ctx):
-        delta *= np.float32(1.0 + self.params.alpha)
+        with np.errstate(invalid="ignore"):  # alpha = -1 times an infinite delta: NaN, carried
+            delta *= np.float32(1.0 + self.params.alpha)
         return delta

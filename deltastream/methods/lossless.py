@@ -58,7 +58,6 @@ class Lossless(Method):
     Params = LosslessParams
     summary = "bit-exact: integer delta of bit patterns (or XOR), shuffled and zstd-compressed"
     lossy = False
-    float_only = False
 
     def stored_arrays(self, dtype: DType, shape: tuple[int, ...], chunk_elems: int,
                       state: dict) -> list[StoredArray]:

@@ -76,7 +76,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..dtypes import DType
-from ..errors import CheckpointError, ParameterError
+from ..exact import NonFinite
 from ..params import check_range, field
 from ..scratch import scratch
 from .base import ChunkContext, LossyMethod, StoredArray
@@ -92,9 +92,6 @@ class LowRankParams:
     power_iters: int = field(2, "power (subspace) iterations; each costs two passes over the data")
 
     def __post_init__(self):
-        if not math.isfinite(self.rank_fraction):
-            raise ParameterError(f"method 'lowrank': rank_fraction={self.rank_fraction!r} is not a number "
-                                 "(must be > 0 and <= 1)")
         check_range("lowrank", "rank_fraction", self.rank_fraction, 0.0, 1.0, low_open=True)
         check_range("lowrank", "oversample", self.oversample, 0)
         check_range("lowrank", "power_iters", self.power_iters, 0)
@@ -247,10 +244,8 @@ class LowRank(LossyMethod):
                         fro2 += float(np.vdot(block, block))
         out = {"z": z}
         if i == 0:
-            if not math.isfinite(fro2):
-                raise CheckpointError(f"tensor '{ctx.tensor}': the delta holds NaN or infinite values "
-                                      f"(elements {ctx.start}..{ctx.stop}); method 'lowrank' needs finite "
-                                      "deltas (keep the tensor exact with an exclude pattern)")
+            if not math.isfinite(fro2):  # the job names the element (methods.base.non_finite_error)
+                raise NonFinite("a NaN or infinite delta has no SVD")
             out.update(fro2=fro2, shape_list=[tuple(ctx.shape)])
         return out
 
@@ -289,6 +284,12 @@ class LowRank(LossyMethod):
         return state
 
     # --- the artifact form -------------------------------------------------------------------
+    def state_layout(self, shape):
+        r = rank_of(shape, self.params.rank_fraction)
+        if not r:
+            return {}
+        return {"rank": ("int", ()), "sketch": ("int", ()), "rel_error": ("number", ()), "vt": ("array", (r, shape[1]))}
+
     def stored_arrays(self, dtype: DType, shape: tuple[int, ...], chunk_elems: int,
                       state: dict) -> list[StoredArray]:
         r = rank_of(shape, self.params.rank_fraction)
