@@ -147,6 +147,26 @@ def dask_setup(worker) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _running_keys(dask_worker) -> list:
+    return list(dask_worker.active_threads.values())
+
+
+def _drain(client, keys: set, timeout: float = 30.0) -> None:
+    """Wait until no worker still runs one of the cancelled tasks (as the threaded path drains
+    its pool): a task still writing would race the clean-up of the partial output."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:  # the workers' view: the scheduler forgets a cancelled task while it still runs
+            running = {k for ks in client.run(_running_keys).values() for k in ks}
+        except Exception:  # the cluster is gone: nothing runs there any more
+            return
+        if not running & keys:
+            return
+        time.sleep(0.05)
+
+
 def _run_distributed(graph, keys, sizes, progress, options: RunOptions) -> list[dict]:
     from distributed import Client, as_completed
 
@@ -167,6 +187,7 @@ def _run_distributed(graph, keys, sizes, progress, options: RunOptions) -> list[
                 progress.advance(sizes.get(future.key, 0))
         except BaseException:
             client.cancel(futures)
+            _drain(client, set(graph))
             raise
         return [by_key[k].result() for k in keys]
     finally:
