@@ -12,6 +12,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tracemalloc
 
 import crc32c
@@ -21,6 +23,7 @@ from common import error_line, make_pair, read_raw, run_cli, tree_digest, write_
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import deltastream as ds
 from deltastream.artifact.codecs import PRESETS, encode_chunk
 from deltastream.artifact.manifest import FORMAT_VERSION, manifest_digest
 from deltastream.errors import ParameterError
@@ -483,3 +486,14 @@ class _Capture:
         self._stack.close()
         self.err = self._err.getvalue()
         return False
+
+
+def test_info_on_an_ascii_terminal_escapes_names_it_cannot_show(tmp_path):
+    w = np.zeros(16, np.uint8)
+    base = write_checkpoint(str(tmp_path / "b"), {"emb\U0001f600": ("U8", (16,), w)})
+    ft = write_checkpoint(str(tmp_path / "f"), {"emb\U0001f600": ("U8", (16,), w + 1)})
+    art = ds.compress(base, ft, str(tmp_path / "a.dsz"))
+    proc = subprocess.run([sys.executable, "-m", "deltastream.cli", "info", art], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert "emb\\U0001f600" in proc.stdout
