@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .errors import ParameterError, tensor_context
+from .errors import ParameterError, show, tensor_context
 from .methods import METHODS, get_method
 from .params import parse_params, parse_seed, parse_strings, parse_workers
 from .units import parse_size
@@ -27,7 +27,7 @@ __all__ = ["JOB_KEYS", "load_job_config"]
 
 def _method(value: Any, key: str) -> str:
     if not isinstance(value, str):
-        raise ParameterError(f"{key} must be a method name, not {value!r}")
+        raise ParameterError(f"{key} must be a method name, not {show(value)}")
     get_method(value)  # an unknown name: the message that lists the valid ones
     return value
 
@@ -38,7 +38,7 @@ def _strings(noun: str) -> Callable[[Any, str], tuple[str, ...]]:
 
 def _mapping(value: Any, key: str) -> dict:
     if not isinstance(value, dict):
-        raise ParameterError(f"{key} must be a mapping of KEY: VALUE, not {value!r}")
+        raise ParameterError(f"{key} must be a mapping of KEY: VALUE, not {show(value)}")
     return value
 
 
@@ -66,7 +66,7 @@ def load_job_config(path: str, method: str | None = None) -> dict[str, Any]:
         raise ParameterError(f"{where()}: a config is a mapping of {', '.join(JOB_KEYS)}")
     unknown = [key for key in doc if key not in JOB_KEYS]
     if unknown:
-        raise ParameterError(f"{where(unknown[0])}: unknown key '{unknown[0]}' (valid: {', '.join(JOB_KEYS)})")
+        raise ParameterError(f"{where(unknown[0])}: unknown key {show(unknown[0])} (valid: {', '.join(JOB_KEYS)})")
     out = {}
     for key, value in doc.items():
         if value is not None:

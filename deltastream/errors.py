@@ -21,6 +21,7 @@ __all__ = [
     "ParameterError",
     "Interrupted",
     "escape",
+    "show",
     "tensor_context",
 ]
 
@@ -74,6 +75,13 @@ def escape(text: object) -> str:
     (newlines), drive the terminal (ANSI escapes) nor fail to print (surrogates). Idempotent."""
     return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
                             else f"\\u{ord(m.group()):04x}", str(text))
+
+
+def show(value: object, limit: int = 60) -> str:
+    """A value from a file or the command line for a message: its repr, escaped and cut short
+    (a shape may list a million items, a seed have 5000 digits)."""
+    text = escape(repr(value))
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def tensor_context(path: object, tensor: str | None = None) -> str:

@@ -15,7 +15,7 @@ import re
 import typing
 from typing import Any
 
-from .errors import ParameterError
+from .errors import ParameterError, show
 
 __all__ = ["field", "parse_params", "parse_assignments", "describe_params", "check_range", "range_problem",
            "parse_int", "parse_seed", "parse_workers", "parse_local_cluster", "parse_strings", "is_finite_number",
@@ -55,7 +55,7 @@ def range_problem(name: str, value: float, low: float | None = None, high: float
         return None
     lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
     hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
-    return f"{name}={value!r} is out of range (must be {' and '.join(x for x in (lo, hi) if x) or 'finite'})"
+    return f"{name}={show(value)} is out of range (must be {' and '.join(x for x in (lo, hi) if x) or 'finite'})"
 
 
 def is_finite_number(value: Any) -> bool:
@@ -79,7 +79,7 @@ def parse_int(value: Any, what: str, low: int, high: int) -> int:
     except TypeError:
         number = None
     if number is None or not low <= number <= high:
-        shown = f"an integer of {number.bit_length()} bits" if number and number.bit_length() > 128 else repr(value)
+        shown = f"an integer of {number.bit_length()} bits" if number and number.bit_length() > 128 else show(value)
         raise ParameterError(f"{what} must be an integer from {low} to {high}, not {shown}")
     return number
 
@@ -102,14 +102,14 @@ def parse_local_cluster(spec: str, what: str) -> int:
             return parse_int(n, what, 1, MAX_PROCESSES)
     except ParameterError:
         pass
-    raise ParameterError(f"{what} expects local:N with N an integer from 1 to {MAX_PROCESSES}, not {spec!r}")
+    raise ParameterError(f"{what} expects local:N with N an integer from 1 to {MAX_PROCESSES}, not {show(spec)}")
 
 
 def parse_strings(value: Any, what: str, noun: str) -> tuple[str, ...]:
     """One string or a list (tuple) of them, as a tuple: ``include="*w*"`` is one pattern, not four."""
     items = (value,) if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
-        raise ParameterError(f"{what} must be {noun} or a list of them, not {value!r}")
+        raise ParameterError(f"{what} must be {noun} or a list of them, not {show(value)}")
     return tuple(items)
 
 
@@ -139,11 +139,11 @@ def _convert(method: str, name: str, value: Any, kind: Any, choices: tuple | Non
         elif kind is str:
             value = str(value)
     except (TypeError, ValueError, OverflowError):
-        raise ParameterError(f"{where} must be {kind.__name__}, not {value!r}") from None
+        raise ParameterError(f"{where} must be {kind.__name__}, not {show(value)}") from None
     if kind is float and not is_finite_number(value):  # nan, inf, 1e400: every later check would pass them
-        raise ParameterError(f"{where} must be a finite number, not {given!r}")
+        raise ParameterError(f"{where} must be a finite number, not {show(given)}")
     if choices is not None and value not in choices:
-        raise ParameterError(f"{where} must be one of {', '.join(map(str, choices))}, not {value!r}")
+        raise ParameterError(f"{where} must be one of {', '.join(map(str, choices))}, not {show(value)}")
     return value
 
 
@@ -153,7 +153,7 @@ def parse_params(method: str, cls: type, values: dict[str, Any]) -> Any:
     unknown = sorted(set(values) - set(fields), key=str)
     if unknown:
         valid = ", ".join(fields) or "none"
-        raise ParameterError(f"method '{method}': unknown parameter '{unknown[0]}' (valid: {valid})")
+        raise ParameterError(f"method '{method}': unknown parameter {show(unknown[0])} (valid: {valid})")
     types = _types(cls)
     kwargs = {name: _convert(method, name, value, types[name], fields[name].metadata.get("choices"))
               for name, value in values.items()}
@@ -166,7 +166,7 @@ def parse_assignments(items: list[str] | None) -> dict[str, str]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ParameterError(f"--param expects KEY=VALUE, not {item!r}")
+            raise ParameterError(f"--param expects KEY=VALUE, not {show(item)}")
         out[key.strip()] = value.strip()
     return out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import decimal
 import re
 
-from .errors import ParameterError
+from .errors import ParameterError, show
 
 __all__ = ["parse_size", "format_size", "MAX_SIZE"]
 
@@ -26,26 +26,26 @@ def parse_size(text: str | int, what: str = "size") -> int:
     Exact (1.1GB is 1100000000, not a float's rounding), and bounded before any arithmetic on it:
     1e400, inf, nan, a negative, zero or fractional number of bytes are refused in one line."""
     if isinstance(text, bool) or not isinstance(text, (str, int)):
-        raise ParameterError(f"invalid {what} {text!r}: expected a number of bytes like 512MiB or 5GB")
+        raise ParameterError(f"invalid {what} {show(text)}: expected a number of bytes like 512MiB or 5GB")
     if isinstance(text, int) and not -MAX_SIZE <= text <= MAX_SIZE:  # str() of 5000 digits fails
         raise ParameterError(f"invalid {what} (an integer of {text.bit_length()} bits): "
                              + ("must be positive" if text < 0 else f"must be at most {MAX_SIZE >> 40} TiB"))
     match = _NUMBER.fullmatch(str(text))
     unit = match and match.group(2).lower()
     if not match or unit not in _UNITS:
-        raise ParameterError(f"invalid {what} {text!r}: expected a number of bytes like 512MiB or 5GB")
+        raise ParameterError(f"invalid {what} {show(text)}: expected a number of bytes like 512MiB or 5GB")
     number = decimal.Decimal(match.group(1))  # exact; compared before any arithmetic, whatever its exponent
     if number <= 0:
-        raise ParameterError(f"invalid {what} {text!r}: must be positive")
+        raise ParameterError(f"invalid {what} {show(text)}: must be positive")
     if number.adjusted() > 20:
-        raise ParameterError(f"invalid {what} {text!r}: must be at most {MAX_SIZE >> 40} TiB")
+        raise ParameterError(f"invalid {what} {show(text)}: must be at most {MAX_SIZE >> 40} TiB")
     if number.adjusted() < -20:
-        raise ParameterError(f"invalid {what} {text!r}: not a whole number of bytes")
+        raise ParameterError(f"invalid {what} {show(text)}: not a whole number of bytes")
     value = decimal.Context(prec=len(match.group(1)) + 40).multiply(number, _UNITS[unit])  # exact
     if value > MAX_SIZE:
-        raise ParameterError(f"invalid {what} {text!r}: must be at most {MAX_SIZE >> 40} TiB")
+        raise ParameterError(f"invalid {what} {show(text)}: must be at most {MAX_SIZE >> 40} TiB")
     if value != value.to_integral_value():
-        raise ParameterError(f"invalid {what} {text!r}: not a whole number of bytes")
+        raise ParameterError(f"invalid {what} {show(text)}: not a whole number of bytes")
     return int(value)
 
 

@@ -178,7 +178,7 @@ def test_missing_artifact_chunk_is_reported(tmp_path, capsys, pair):
     chunk.unlink()
     capsys.readouterr()
     assert run_cli("verify", art) == 2
-    assert "stored chunk is missing" in error_line(capsys)
+    assert "corrupt artifact chunk (missing)" in error_line(capsys)
     assert run_cli("verify", art, base) == 2
     assert "tensor 'layers.0.w'" in error_line(capsys)
 

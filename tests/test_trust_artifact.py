@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -24,11 +25,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import deltastream as ds
+from deltastream.artifact import store
 from deltastream.artifact.codecs import PRESETS, encode_chunk
 from deltastream.artifact.manifest import FORMAT_VERSION, manifest_digest
-from deltastream.errors import ParameterError
+from deltastream.dtypes import DTYPES
+from deltastream.errors import ParameterError, WrongBaseError
 from deltastream.jobs.compress import compress
-from deltastream.methods import get_method
+from deltastream.methods import get_method, method_from_config
 
 SIDE = {"config.json": '{"model_type": "llama"}', "tokenizer.json": '{"version": "1.0", "model": {}}'}
 SPECS = {"layers.0.w": ("BF16", (16, 8)), "norm": ("F32", (8,))}
@@ -134,7 +137,6 @@ FIELD_CASES = {
     "repeated key": (lambda d: d["tensors"][1].update(key="tensors/000000"), "expected 'tensors/000001'"),
     "repeated name": (lambda d: d["tensors"][1].update(name="layers.0.w"), "the name is repeated"),
     "reserved name": (lambda d: w0(d).update(name="__metadata__"), "the name '__metadata__' is safetensors' own key"),
-    "surrogate name": (lambda d: w0(d).update(name="w\ud800"), "'tensors[0].name' is not valid UTF-8"),
     "seed": (lambda d: d.update(seed="abc"), "'seed' is \"abc\", not an integer"),
     "seed bool": (lambda d: d.update(seed=False), "'seed' is false, not an integer"),
     "method": (lambda d: d.update(method={"id": "lossless", "transform": "rot13"}), "'method': method 'lossless'"),
@@ -171,12 +173,50 @@ def test_every_manifest_field_is_checked(made, art, tmp_path, capsys, case):
 @pytest.mark.parametrize("state, fragment", [
     ({"alpha": []}, "'state.alpha' has 0 entries, expected 1"),
     ({"alpha": ["x"]}, "'state.alpha[0]' is \"x\", not a finite number"),
-    ({"alpha": [1e999]}, "'state.alpha[0]' is Infinity, not a finite number"),
     ({"alpha": [0.1], "evil": 1}, "'state' has [\"alpha\", \"evil\"], expected [\"alpha\"]"),
 ])
 def test_state_has_the_kinds_the_method_declares(made, art, tmp_path, capsys, state, fragment):
     edit_manifest(art, lambda d: w0(d).update(state=state))
     refused(capsys, tmp_path, made["base"], art, fragment)
+
+
+def _text_edit(rel: str, old: str, new: str):
+    """An edit of a JSON file's text, for what json.dump cannot write (a repeated key)."""
+    def edit(art):
+        path = os.path.join(art, rel)
+        with open(path) as f:
+            text = f.read()
+        assert old in text, (rel, old)
+        with open(path, "w") as f:
+            f.write(text.replace(old, new, 1))
+    return edit
+
+
+STRICT_JSON_CASES = {
+    # json.loads keeps the last: deltastream read a 1.0 artifact (no digest check), another reader 1.1
+    "repeated key": (_text_edit("zarr.json", '"format_version": "1.1"',
+                                '"format_version": "1.1", "format_version": "1.0"'), "duplicate key 'format_version'"),
+    "repeated key in array metadata": (_text_edit("tensors/000000/delta/zarr.json", '"shape": [',
+                                                  '"shape": [1], "shape": ['), "duplicate key 'shape'"),
+    "NaN": (lambda art: edit_manifest(art, lambda d: d.update(seed=float("nan"))), "NaN is not a finite JSON number"),
+    "-Infinity": (lambda art: edit_manifest(art, lambda d: w0(d)["ft_chunk_crc32c"].__setitem__(0, float("-inf"))),
+                  "-Infinity is not a finite JSON number"),
+    "1e999": (_text_edit("zarr.json", '"chunk_bytes": 64', '"chunk_bytes": 1e999'),
+              "1e999 is not a finite JSON number"),
+    "surrogate name": (lambda art: edit_manifest(art, lambda d: w0(d).update(name="w\ud800")),
+                       "the string 'w\\ud800' holds a lone surrogate escape"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STRICT_JSON_CASES))
+def test_metadata_json_is_parsed_strictly(made, art, tmp_path, capsys, case):
+    """A repeated key (deltastream and another zarr reader could see different values), NaN, an
+    infinity or a lone surrogate is refused when the file is parsed: one line naming the file."""
+    edit, fragment = STRICT_JSON_CASES[case]
+    edit(art)
+    where = os.path.join(art, "tensors/000000/delta/zarr.json" if "array" in case else "zarr.json")
+    for line in refused(capsys, tmp_path, made["base"], art, fragment):
+        assert f"file '{where}'" in line and "invalid metadata" in line
 
 
 def test_a_tampered_manifest_is_reported_not_obeyed(made, art, tmp_path, capsys):
@@ -208,7 +248,8 @@ def test_array_metadata_must_be_the_planned_one(made, art, tmp_path, capsys):
         assert all(meta_path in m and "tensor 'layers.0.w'" in m for m in msgs)
     with open(meta_path, "w") as f:
         f.write("[" * 100000)
-    msg = refused(capsys, tmp_path, made["base"], art, "unreadable array metadata (not valid JSON (nested too deeply))")
+    msg = refused(capsys, tmp_path, made["base"], art,
+                  "unreadable array metadata (invalid metadata JSON: nested deeper than 127 levels)")
     assert meta_path in msg[0] and "tensor 'layers.0.w'" in msg[0]
 
 
@@ -309,6 +350,15 @@ def test_a_chunk_of_another_length_is_refused(made, art, tmp_path, capsys):
             "the 64 bytes of its planned length)", ("verify", "verify-base", "apply"))
 
 
+
+def test_a_missing_stored_chunk_is_one_wording(made, art, tmp_path, capsys):
+    """verify ART checked for the file itself first, in words of its own; read_chunk says it."""
+    chunk = os.path.join(art, "tensors", "000000", "delta", "c", "1")
+    os.remove(chunk)
+    refused(capsys, tmp_path, made["base"], art, f"tensor 'layers.0.w' in file '{chunk}': corrupt artifact chunk "
+            "(missing)", ("verify", "verify-base", "apply"))
+
+
 def test_compress_never_plans_a_chunk_readers_refuse(made, tmp_path):
     with pytest.raises(ParameterError, match="over the artifact format's limit of 1073741824 bytes per chunk"):
         compress(made["base"], made["ft"], str(tmp_path / "a.dsz"), get_method("lossless"), chunk_bytes=2 << 30)
@@ -335,6 +385,51 @@ def test_verify_of_a_huge_shape_does_not_allocate_it(made, art, tmp_path, capsys
     refused(capsys, tmp_path, made["base"], art, "is over 1099511627776 bytes", ("verify", "verify-base"))
     assert tracemalloc.get_traced_memory()[1] < 64 << 20
     tracemalloc.stop()
+
+
+
+def test_a_state_array_over_the_chunk_bound_is_refused_before_reading(tmp_path, capsys):
+    """A state array is one chunk of the length its method declares: lowrank's vt, r x k floats,
+    is 25.6 GiB for a declared shape [2**18, 2**18] (matching zarr.json files, digest resealed),
+    and verify ART allocated it: a MemoryError traceback, or the memory."""
+    base, ft = make_pair(str(tmp_path), {"w": ("F32", (64, 64))})
+    art = str(tmp_path / "a.dsz")
+    assert run_cli("compress", base, ft, "-o", art, "-q", "--method", "lowrank") == 0
+    doc = manifest_of(art)
+    method, entry = method_from_config(doc["method"]), w0(doc)
+    side, chunk_elems = 1 << 18, 1 << 28
+    n = side * side // chunk_elems
+    arrays = method.stored_arrays(DTYPES["F32"], (side, side), chunk_elems, entry["state"])
+    _, vt_shape = method.state_layout((side, side))["vt"]
+    assert math.prod(vt_shape) * 4 > 25 << 30
+    for spec in arrays:
+        store._write_array(os.path.join(art, entry["key"], spec.role), spec)
+    vt = store._state_spec("vt", math.prod(vt_shape))
+    store._write_array(os.path.join(art, entry["key"], vt.role), vt, {"shape": list(vt_shape)})
+
+    def grow(d):
+        w0(d).update(shape=[side, side], chunk_elems=chunk_elems, ft_chunk_crc32c=[0] * n, stored_chunks=[False] * n,
+                     stored_crc32c={**{a.role: [0] * n for a in arrays}, "state.vt": [0]})
+        w0(d)["base"].update(shape=[side, side], chunk_crc32c=[0] * n)
+    edit_manifest(art, grow)
+    tracemalloc.start()
+    try:
+        msgs = refused(capsys, tmp_path, base, art, f"malformed manifest: state array 'vt' of shape {list(vt_shape)} "
+                       f"is {math.prod(vt_shape) * 4} bytes, over the 1073741824-byte limit of a chunk")
+        assert tracemalloc.get_traced_memory()[1] < 64 << 20
+    finally:
+        tracemalloc.stop()
+    assert all(f"tensor 'w' in file '{os.path.join(art, 'zarr.json')}'" in m for m in msgs)
+
+
+def test_a_chunk_that_cannot_be_allocated_is_one_line(made, art, tmp_path, capsys, monkeypatch):
+    """The backstop behind the bounds: a MemoryError reading a chunk is a corrupt-chunk line."""
+    def no_memory(*args):
+        raise MemoryError("Unable to allocate 25.6 GiB for an array")
+    monkeypatch.setattr(store, "scratch", no_memory)
+    msgs = refused(capsys, tmp_path, made["base"], art, "corrupt artifact chunk (its planned length of",
+                   ("verify", "verify-base", "apply"))
+    assert all("bytes cannot be allocated)" in m and "tensor '" in m and "/c/" in m for m in msgs), msgs
 
 
 # --- the format: 1.1 digest exposed, 1.0 still read ---------------------------------------------
@@ -368,6 +463,25 @@ def test_a_format_1_0_artifact_is_still_read(made, art, tmp_path, capsys):
     assert (out / "config.json").read_text() == SIDE["config.json"]
 
 
+
+@pytest.mark.parametrize("digests", [[], "junk", {"config.json": {"bytes": "x", "sha256": 1}},
+                                     {"config.json": {"bytes": 3, "sha256": "0" * 64}}])
+def test_a_format_1_0_manifest_ignores_its_1_1_fields(made, art, tmp_path, capsys, digests):
+    """side_file_digests is checked from 1.1 only, but a 1.0 manifest's was used: an AttributeError
+    or TypeError traceback from verify and apply. 1.0 ignores it, as stored_crc32c (docs/format.md 1)."""
+    def downgrade(d):
+        d.update(format_version="1.0", side_file_digests=digests)
+        d.pop("manifest_sha256")
+    edit_manifest(art, downgrade, reseal=False)
+    out = tmp_path / "out"
+    for argv in (["info", art], ["verify", art], ["verify", art, made["base"]],
+                 ["apply", made["base"], art, "-o", out, "-q"]):
+        capsys.readouterr()
+        assert run_cli(*argv) == 0, capsys.readouterr().err
+    assert (out / "config.json").read_text() == SIDE["config.json"]
+    assert read_raw(str(out)) == read_raw(made["ft"])
+
+
 # --- case 21: info escapes names from the artifact ----------------------------------------------
 
 def test_info_escapes_names_and_json_stays_exact(tmp_path, capsys):
@@ -386,6 +500,21 @@ def test_info_escapes_names_and_json_stays_exact(tmp_path, capsys):
     assert run_cli("info", art, "--json") == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\u202e" not in out and json.loads(out)["tensors"][0]["name"] == name
+
+
+
+def test_wrong_base_messages_escape_the_artifact_path(made, tmp_path, capsys):
+    """check_base put the artifact's path into its messages raw (a newline, an ANSI escape)."""
+    art = str(tmp_path / "a\x1b[31m\nb.dsz")
+    shutil.copytree(made["arts"]["lossless"], art)
+    with pytest.raises(WrongBaseError) as exc:
+        ds.verify(art, made["ft"])
+    message = str(exc.value)
+    assert "\n" not in message and "\x1b" not in message
+    assert "wrong base for '" + str(tmp_path) + "/a\\x1b[31m\\x0ab.dsz'" in message
+    capsys.readouterr()
+    assert run_cli("apply", made["ft"], art, "-o", tmp_path / "out", "-q") == 2
+    assert error_line(capsys) == f"deltastream: error: {message}"
 
 
 # --- fuzz: random mutations of the manifest and array metadata ----------------------------------

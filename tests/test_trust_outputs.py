@@ -483,3 +483,168 @@ def test_every_file_and_folder_is_synced_before_the_output_appears(tmp_path, mon
     every = {out} | {os.path.join(r, n) for r, ds_, fs in os.walk(out) for n in ds_ + fs}
     assert every <= paths  # all synced before the rename
     assert (str(tmp_path), True) in synced  # and the parent after it
+
+
+# --- review fixes: the output engine ------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["apply-index-shard", "compress-file-side-file", "edit-index-shard",
+                                  "merge-index-shard"])
+def test_an_output_that_is_a_file_the_checkpoint_opened_is_refused(tmp_path, capsys, case):
+    """The shards an index names and the side files next to a checkpoint given as a file are
+    inputs too: --overwrite never replaces one."""
+    base, ft = make_pair(str(tmp_path), {"layers.0.w": ("BF16", (64, 32)), "layers.1.w": ("F32", (32, 16))},
+                         shards=1 if case.startswith("compress") else 2, side_files={"config.json": "{}"})
+    art = ds.compress(base, ft, str(tmp_path / "a.dsz"))
+    index = os.path.join(base, "model.safetensors.index.json")
+    shard = os.path.join(base, "model-00001-of-00002.safetensors")
+    if case == "apply-index-shard":
+        argv, out = ["apply", index, art], shard
+    elif case == "edit-index-shard":
+        argv, out = ["edit", index, ft, "--method", "lossless"], shard
+    elif case == "merge-index-shard":
+        config = tmp_path / "merge.yaml"
+        config.write_text(f"merge_method: task_arithmetic\nbase_model: {index}\nmodels:\n"
+                          f"  - model: {ft}\n    parameters: {{weight: 1.0}}\n")
+        argv, out = ["merge", config], shard
+    else:
+        side = os.path.join(ft, "config.json")
+        argv, out = ["compress", base, os.path.join(ft, "model.safetensors")], side
+    before = tree_digest(tmp_path)
+    assert run_cli(*argv, "-o", out, "-q", "--overwrite") == 2
+    assert error_line(capsys) == (f"deltastream: error: output '{out}' would overwrite the input '{out}'; "
+                                  "choose another output")
+    assert tree_digest(tmp_path) == before
+
+
+def test_a_failure_taking_over_a_work_folder_releases_its_lock(tmp_path, capsys, monkeypatch, pair):
+    """An error while a left work folder is emptied (or cleaned for --resume) closes the lock:
+    the next run in the same process is not told another run holds it."""
+    base, ft = pair
+    out = tmp_path / "out.dsz"
+    die_before_publish(monkeypatch, lambda: ds.compress(base, ft, str(out), resume=True))
+    before = tree_digest(base), tree_digest(ft)
+    fds = len(os.listdir("/proc/self/fd"))
+
+    def denied(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+    for name, resume in (("_empty", []), ("_drop_foreign", ["--resume"])):
+        monkeypatch.setattr(atomic, name, denied)
+        assert run_cli("compress", base, ft, "-o", out, "-q", *resume) == 2
+        assert error_line(capsys) == f"deltastream: error: file '{out}.partial': Permission denied"
+        monkeypatch.undo()
+        assert len(os.listdir("/proc/self/fd")) == fds  # no lock fd left open
+    assert (tree_digest(base), tree_digest(ft)) == before
+    assert run_cli("compress", base, ft, "-o", out, "-q", "--resume") == 0
+    assert read_raw(ds.apply(base, str(out), str(tmp_path / "r"))) == read_raw(ft)
+
+
+@pytest.mark.parametrize("resume", [[], ["--resume"]])
+def test_ctrl_c_while_the_output_is_put_in_place_waits_for_it(tmp_path, capsys, monkeypatch, pair, resume):
+    """A SIGINT after the journal and lock are gone, before the rename: the output is put in place
+    (an existing one replaced whole), then the run stops, saying so; nothing is stranded."""
+    base, ft = pair
+    art = ds.compress(base, ft, str(tmp_path / "a.dsz"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("x")
+    real = atomic._fsync
+
+    def fsync(path, directory=False):
+        if path == f"{out}.partial" and directory and not os.path.exists(os.path.join(path, atomic.LOCK)):
+            os.kill(os.getpid(), signal.SIGINT)
+        real(path, directory)
+
+    monkeypatch.setattr(atomic, "_fsync", fsync)
+    before = tree_digest(base), tree_digest(art)
+    assert run_cli("apply", base, art, "-o", out, "-q", "--overwrite", *resume) == 130
+    assert error_line(capsys) == f"deltastream: error: interrupted by SIGINT; the output '{out}' was complete"
+    assert read_raw(str(out)) == read_raw(ft) and not (out / "old").exists()
+    assert sorted(os.listdir(tmp_path)) == ["a.dsz", "base", "ft", "out"]  # no partial, no backup
+    assert (tree_digest(base), tree_digest(art)) == before
+
+
+def test_a_work_folder_is_never_seen_without_its_lock(tmp_path, capsys, monkeypatch, pair):
+    """Another run that finds the work folder the moment it appears names this run, never calls it
+    someone else's folder (it appears with its lock file held inside)."""
+    import types
+
+    base, ft = pair
+    art = ds.compress(base, ft, str(tmp_path / "a.dsz"))
+    out = tmp_path / "out"
+    seen, busy = [], []
+
+    def probe(fn):
+        def call(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            if not busy and os.path.lexists(f"{out}.partial"):
+                busy.append(1)
+                assert run_cli("apply", base, art, "-o", out, "-q") == 2
+                seen.append(error_line(capsys))
+            return result
+        return call
+
+    fake = types.SimpleNamespace(**{n: getattr(os, n) for n in dir(os) if not n.startswith("__")})
+    fake.mkdir, fake.rename = probe(os.mkdir), probe(os.rename)
+    monkeypatch.setattr(atomic, "os", fake)
+    before = tree_digest(base), tree_digest(art)
+    ds.apply(base, art, str(out))
+    assert seen == [f"deltastream: error: output '{out}' is being written by another deltastream run "
+                    f"(pid {os.getpid()}); wait for it or choose another output"]
+    assert read_raw(str(out)) == read_raw(ft)
+    assert (tree_digest(base), tree_digest(art)) == before
+
+
+def test_the_input_fingerprint_never_follows_a_fifo_swapped_in(tmp_path):
+    """A FIFO found where a file was (a swap between stat and open) is not waited on; a link to a
+    regular file (a Hugging Face cache snapshot) is read through, as the reader reads it."""
+    import threading
+
+    from deltastream.engine import journal
+
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)
+    found = []
+    worker = threading.Thread(target=lambda: found.append(journal._digest(str(fifo))), daemon=True)
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():  # unblock it before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(10)
+    assert found == [None]
+    (tmp_path / "blob").write_text("{}")
+    os.symlink(tmp_path / "blob", tmp_path / "linked.json")
+    assert journal._digest(str(tmp_path / "linked.json")) == journal._digest(str(tmp_path / "blob")) is not None
+
+
+def test_a_resume_that_remakes_every_shard_forgets_the_journal_once(tmp_path, monkeypatch, pair):
+    from deltastream.engine.journal import Journal
+
+    base, ft = pair
+    art = ds.compress(base, ft, str(tmp_path / "a.dsz"))
+    out = str(tmp_path / "out")
+    die_before_publish(monkeypatch, lambda: ds.apply(base, art, out, max_shard_size=4096, resume=True))
+    shards = [n for n in os.listdir(out + ".partial") if n.endswith(".safetensors")]
+    assert len(shards) == 2
+    for name in shards:
+        os.remove(os.path.join(out + ".partial", name))
+    calls, real = [], Journal.forget
+    monkeypatch.setattr(Journal, "forget", lambda self: (calls.append(1), real(self))[1])
+    before = tree_digest(base), tree_digest(art)
+    ds.apply(base, art, out, max_shard_size=4096, resume=True)
+    assert calls == [1]
+    assert read_raw(out) == read_raw(ft) and (tree_digest(base), tree_digest(art)) == before
+
+
+def test_an_input_changed_since_the_interrupted_run_is_an_input_error(tmp_path, monkeypatch):
+    from deltastream.errors import CheckpointError
+
+    base, ft = make_pair(str(tmp_path), {"layers.0.w": ("BF16", (256, 256))})
+    out = str(tmp_path / "out.dsz")
+    die_before_publish(monkeypatch, lambda: ds.compress(base, ft, out, chunk_size=16384, resume=True))
+    changed = os.path.join(ft, "model.safetensors")
+    with open(changed, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+    _rewrite_keeping_stat(changed, 8 + header_len + 100_000, b"\x7f\x7f")
+    with pytest.raises(CheckpointError, match="changed since the interrupted run"):
+        ds.compress(base, ft, out, chunk_size=16384, resume=True)

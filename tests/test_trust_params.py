@@ -149,7 +149,7 @@ JOB_CASES = [
     ("method: dare\nmemory: [1]\n", "line 2: invalid memory [1]: expected a number of bytes"),
     ("method: dare\nmax_shard_size: 0\n", "line 2: invalid max_shard_size 0: must be positive"),
     ("method: dare\nseed: !!int abc\n", "line 2: invalid YAML"),
-    ("method: dare\n1: 2\nfoo: 3\n", "line 2: unknown key '1' (valid:"),
+    ("method: dare\n1: 2\nfoo: 3\n", "line 2: unknown key 1 (valid:"),
     ("- method\n", "line 1: a config is a mapping of method, params"),
     ("method: dare\nseed: " + "1" * 5000 + "\n", "line 2: invalid YAML"),
 ]
@@ -213,7 +213,7 @@ MERGE_CASES = [
     ("merge_method: [ties]\nbase_model: base\nmodels: [ft]\n", "line 1: merge_method must be a name"),
     ("merge_method: ties\nbase_model: [base]\nmodels: [ft]\n", "line 2: base_model must be a path"),
     ("merge_method: ties\nbase_model: base\nmodels:\n  - model: [ft]\n", "line 4: model must be a path"),
-    ("merge_method: ties\nbase_model: base\nmodels: [ft]\ndtype: [1]\n", "line 4: dtype '[1]' is not one of"),
+    ("merge_method: ties\nbase_model: base\nmodels: [ft]\ndtype: [1]\n", "line 4: dtype [1] is not one of"),
     ("merge_method: ties\nbase_model: base\nmodels: [ft]\n? [a]\n: 1\n", "line 4: invalid YAML"),
 ]
 

@@ -95,6 +95,7 @@ class Manifest:
     method: Method
     tensors: list[TensorEntry]
     digest: str  # sha256 of the manifest (manifest_digest): what a user pins
+    minor: int = int(FORMAT_VERSION.split(".")[1])  # format 1.0 (0): no 1.1 checksum is read, present or not
 
     def method_for(self, entry: TensorEntry) -> Method:
         """The run's method for tensors under it; exact storage for the others."""
@@ -115,9 +116,10 @@ class Manifest:
         return dict(self.doc.get("side_files", {}))
 
     def read_side_file(self, name: str) -> bytes:
-        """A side file's bytes, checked against its recorded size and sha256 (format 1.1)."""
+        """A side file's bytes, checked against its recorded size and sha256 (format 1.1; a 1.0
+        manifest's ``side_file_digests``, unchecked, is ignored like its other 1.1 fields)."""
         key = self.side_files[name]
-        digest = self.doc.get("side_file_digests", {}).get(name)
+        digest = self.doc["side_file_digests"][name] if self.minor >= 1 else None
         if digest is None:  # format 1.0: the size from its own metadata, bounded
             return read_side_file(self.path, key, name, side_file_size(self.path, key, name, MAX_SIDE_FILE_BYTES))
         return read_side_file(self.path, key, name, digest["bytes"], digest["sha256"])
@@ -192,7 +194,7 @@ def load_manifest(path: str) -> Manifest:
         method = _method(doc)
         tensors = _tensors(doc, method, minor)
         _document(doc, minor)
-        manifest = Manifest(path=path, doc=doc, method=method, tensors=tensors, digest=digest or "")
+        manifest = Manifest(path=path, doc=doc, method=method, tensors=tensors, digest=digest or "", minor=minor)
         if digest is None:
             raise _Bad("holds a non-finite number")
     except _Bad as exc:
@@ -356,6 +358,10 @@ def _entry(i: int, t: dict, method: Method, minor: int) -> TensorEntry:
     _need(all(type(s) is bool for s in stored), "'stored_chunks' holds a value that is not true or false")
     rng_name = _string(t.get("rng_name", ""), "rng_name")
     layout = tensor_method.state_layout(shape)
+    for role, (kind, dims) in layout.items():  # read whole, up front: one chunk, bounded as any chunk
+        nbytes = math.prod(dims) * 4
+        _need(kind != "array" or nbytes <= MAX_CHUNK_BYTES, f"state array '{role}' of shape {list(dims)} is "
+              f"{nbytes} bytes, over the {MAX_CHUNK_BYTES}-byte limit of a chunk")
     state = _state(_dict(t.get("state", {}), "state"), layout)
     state_arrays = _strings(t.get("state_arrays", []), "state_arrays")
     arrays = sorted(k for k, (kind, _) in layout.items() if kind == "array")

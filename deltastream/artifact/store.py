@@ -30,15 +30,16 @@ from typing import Any
 import numpy as np
 import zarr
 
+from ..checkpoint.header import load_json
 from ..checkpoint.sidefiles import load_side_file
 from ..checksum import crc32c
-from ..errors import ArtifactError, CorruptChunkError, escape, tensor_context
+from ..errors import ArtifactError, CheckpointError, CorruptChunkError, escape, tensor_context
 from ..methods import StoredArray
 from ..scratch import scratch
 from .codecs import PRESETS, ChecksumError, decode_chunk, encode_chunk, write_file_atomic
 
 __all__ = [
-    "tensor_key", "create_arrays", "write_chunk", "read_chunk", "chunk_file", "read_file", "read_json",
+    "tensor_key", "create_arrays", "write_chunk", "read_chunk", "valid_len", "chunk_file", "read_file", "read_json",
     "check_array_meta", "write_state_arrays", "read_state_arrays", "write_side_files", "read_side_file",
     "side_file_size", "write_root_attrs", "read_root_attrs", "stored_bytes", "MAX_MANIFEST_BYTES", "FileRefused",
 ]
@@ -102,22 +103,23 @@ def read_file(path: str, limit: int) -> bytearray:
 
 
 def read_json(path: str, limit: int = MAX_META_BYTES) -> Any:
-    """A JSON file of the artifact, read by read_file; deep nesting or huge numbers are refused."""
+    """A JSON file of the artifact, read by read_file and parsed as strictly as a safetensors
+    header (checkpoint.header.load_json): a duplicate key (which another zarr reader may resolve
+    otherwise), NaN or Infinity, an integer beyond 64 bits, a lone surrogate escape or deep
+    nesting is refused."""
+    raw = read_file(path, limit)
     try:
-        return json.loads(read_file(path, limit))
-    except RecursionError:
-        raise FileRefused("not valid JSON (nested too deeply)") from None
-    except UnicodeDecodeError:
-        raise FileRefused("not valid JSON (not UTF-8)") from None
-    except json.JSONDecodeError as exc:
-        raise FileRefused(f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except ValueError as exc:  # e.g. an integer of 5000 digits
-        raise FileRefused(f"not valid JSON ({exc})") from None
+        return load_json(path, raw, "metadata")
+    except CheckpointError as exc:  # "file 'PATH': invalid metadata JSON: ...": the caller names the file
+        message, prefix = str(exc), f"{tensor_context(path)}: "
+        raise FileRefused(message[len(prefix):] if message.startswith(prefix) else message) from None
 
 
-def _refusal(exc: Exception) -> str:
+def _refusal(exc: BaseException, spec: StoredArray | None = None) -> str:
     if isinstance(exc, FileNotFoundError):
         return "missing"
+    if isinstance(exc, MemoryError) and spec is not None:
+        return f"its planned length of {spec.chunk_len * np.dtype(spec.dtype).itemsize} bytes cannot be allocated"
     if isinstance(exc, (FileRefused, ChecksumError)):
         return str(exc)
     return f"{exc.__class__.__name__}: {exc}"
@@ -190,13 +192,15 @@ def chunk_file(root: str, key: str, role: str, chunk_index: int) -> str:
     return os.path.join(root, key, role, "c", str(chunk_index))
 
 
-def _valid_len(spec: StoredArray, chunk_index: int) -> int:
+def valid_len(spec: StoredArray, chunk_index: int) -> int:
+    """How many elements of chunk ``chunk_index`` are data (the rest of an edge chunk is padding)."""
     return max(0, min(spec.chunk_len, spec.total_len - chunk_index * spec.chunk_len))
 
 
 def write_chunk(root: str, key: str, spec: StoredArray, chunk_index: int, data: np.ndarray) -> int:
     """Encode one chunk as zarr would and write it whole (an edge chunk is padded with zeros to
-    the chunk length, as zarr stores it); return the CRC-32C of its valid part, as read back."""
+    the chunk length, as zarr stores it); return the CRC-32C of its valid part, computed on
+    ``data`` in memory (what a reader's decode must reproduce), not on the file."""
     if data.size < spec.chunk_len:
         padded = scratch("store.pad", spec.chunk_len, spec.dtype)
         padded[: data.size] = data
@@ -205,7 +209,7 @@ def write_chunk(root: str, key: str, spec: StoredArray, chunk_index: int, data: 
     data = data.astype(spec.dtype, copy=False)
     path = chunk_file(root, key, spec.role, chunk_index)
     write_file_atomic(path, *encode_chunk(data, PRESETS[spec.compression]))
-    return crc32c(data[: _valid_len(spec, chunk_index)])
+    return crc32c(data[: valid_len(spec, chunk_index)])
 
 
 def _read_array_chunk(root: str, key: str, spec: StoredArray, chunk_index: int, tag: str | None) -> np.ndarray:
@@ -216,7 +220,7 @@ def _read_array_chunk(root: str, key: str, spec: StoredArray, chunk_index: int, 
                     preset.max_encoded(spec.chunk_len * np.dtype(spec.dtype).itemsize))
     out = scratch(tag, spec.chunk_len, spec.dtype) if tag else np.zeros(spec.chunk_len, spec.dtype)
     decode_chunk(raw, preset, out)
-    return out[: _valid_len(spec, chunk_index)]
+    return out[: valid_len(spec, chunk_index)]
 
 
 def read_chunk(root: str, key: str, spec: StoredArray, chunk_index: int, tensor: str,
@@ -228,8 +232,9 @@ def read_chunk(root: str, key: str, spec: StoredArray, chunk_index: int, tensor:
     path = chunk_file(root, key, spec.role, chunk_index)
     try:
         data = _read_array_chunk(root, key, spec, chunk_index, f"store.read.{spec.role}")
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CorruptChunkError(f"{tensor_context(path, tensor)}: corrupt artifact chunk ({_refusal(exc)})") from None
+    except (OSError, ValueError, RuntimeError, MemoryError) as exc:  # MemoryError: a backstop, lengths are bounded
+        raise CorruptChunkError(f"{tensor_context(path, tensor)}: corrupt artifact chunk "
+                                f"({_refusal(exc, spec)})") from None
     if crc is not None and crc32c(data) != crc:
         raise CorruptChunkError(f"{tensor_context(path, tensor)}: corrupt artifact chunk (its data does not match "
                                 "the CRC-32C the manifest records)")
@@ -300,8 +305,9 @@ def read_side_file(root: str, key: str, name: str, size: int, sha256: str | None
     path = chunk_file(root, key, "", 0)
     try:
         data = _read_array_chunk(root, key, spec, 0, None).tobytes() if size else b""
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CorruptChunkError(f"{owner} in file '{escape(path)}': corrupt artifact chunk ({_refusal(exc)})") from None
+    except (OSError, ValueError, RuntimeError, MemoryError) as exc:
+        raise CorruptChunkError(f"{owner} in file '{escape(path)}': corrupt artifact chunk "
+                                f"({_refusal(exc, spec)})") from None
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise CorruptChunkError(f"{owner} in file '{escape(path)}': its contents do not match the sha256 the "
                                 "manifest records (corrupt, or another file's)")

@@ -24,7 +24,7 @@ from typing import BinaryIO
 import numpy as np
 
 from ..dtypes import DType, dtype_by_name
-from ..errors import CheckpointError, escape, tensor_context
+from ..errors import CheckpointError, escape, show, tensor_context
 
 __all__ = ["TensorInfo", "Header", "read_header", "open_regular", "load_json", "MAX_HEADER_BYTES"]
 
@@ -68,12 +68,6 @@ class Header:
 
 def _fail(path: str, message: str, tensor: str | None = None) -> CheckpointError:
     return CheckpointError(f"{tensor_context(path, tensor)}: {message}")
-
-
-def _show(value: object, limit: int = 60) -> str:
-    """A value from a file for a message: escaped and cut short (a shape may list a million items)."""
-    text = escape(repr(value))
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def open_regular(path: str, limit: int | None = None, what: str = "file") -> BinaryIO:
@@ -176,7 +170,7 @@ def load_json(path: str, raw: bytes, what: str) -> object:
         raise _fail(path, f"invalid {what} JSON ({exc.__class__.__name__}: {exc})") from None
     bad = _lone_surrogate(doc) if _SURROGATE_ESCAPE.search(raw) else None  # only escapes make one
     if bad is not None:
-        raise _fail(path, f"invalid {what}: the string {_show(bad)} holds a lone surrogate escape "
+        raise _fail(path, f"invalid {what}: the string {show(bad)} holds a lone surrogate escape "
                           "(not valid UTF-8)")
     return doc
 
@@ -243,21 +237,21 @@ def _parse_entry(path: str, name: str, entry: object, data_start: int) -> Tensor
         raise _fail(path, "invalid header entry: not an object", name)
     dtype = dtype_by_name(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
     if dtype is None:
-        raise _fail(path, f"unknown dtype {_show(entry.get('dtype'))}", name)
+        raise _fail(path, f"unknown dtype {show(entry.get('dtype'))}", name)
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
-        raise _fail(path, f"invalid shape {_show(shape)}", name)
+        raise _fail(path, f"invalid shape {show(shape)}", name)
     offsets = entry.get("data_offsets")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets) \
             or offsets[1] < offsets[0]:
-        raise _fail(path, f"invalid data_offsets {_show(offsets)}", name)
+        raise _fail(path, f"invalid data_offsets {show(offsets)}", name)
     numel = 1
     for d in shape:  # as safetensors counts: every partial product within u64, a later 0 or not
         numel *= d
         if numel > U64_MAX:
-            raise _fail(path, f"shape {_show(shape)} has more than 2**64-1 elements", name)
+            raise _fail(path, f"shape {show(shape)} has more than 2**64-1 elements", name)
     if numel * dtype.itemsize > U64_MAX:
-        raise _fail(path, f"shape {_show(shape)} of {dtype.name} is more than 2**64-1 bytes", name)
+        raise _fail(path, f"shape {show(shape)} of {dtype.name} is more than 2**64-1 bytes", name)
     begin, end = offsets
     if end - begin != numel * dtype.itemsize:
         raise _fail(path, f"data_offsets {offsets} hold {end - begin} bytes but shape {tuple(shape)} "

@@ -40,10 +40,19 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str] = field(default_factory=dict)
     side_files: dict[str, str] = field(default_factory=dict)  # file name -> absolute path
+    index: str | None = None  # the sharded index read, if any
+    shards: tuple[str, ...] = ()  # every .safetensors file whose header was read
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def files(self) -> list[str]:
+        """The path given and every file opened: the index, every shard, every side file (what
+        an output must never overwrite, contain or sit inside)."""
+        found = [self.path] + ([self.index] if self.index else []) + list(self.shards) + list(self.side_files.values())
+        return list(dict.fromkeys(found))
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -53,10 +62,12 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     a device or a dangling link is refused by name rather than skipped or taken for something else.
     """
     path = os.path.abspath(os.fspath(path))
+    index = None
     if os.path.isdir(path):
         folder = path
         if os.path.lexists(os.path.join(path, INDEX_NAME)):
-            headers, metadata = _read_index(os.path.join(path, INDEX_NAME))
+            index = os.path.join(path, INDEX_NAME)
+            headers, metadata = _read_index(index)
         elif os.path.lexists(os.path.join(path, SINGLE_NAME)):
             headers, metadata = _read_single(os.path.join(path, SINGLE_NAME))
         else:
@@ -68,6 +79,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     elif os.path.lexists(path):
         folder = os.path.dirname(path)
         if path.endswith(".json"):
+            index = path
             headers, metadata = _read_index(path)
         else:
             headers, metadata = _read_single(path)
@@ -82,7 +94,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
                                       f"'{escape(tensors[info.name].path)}'")
             tensors[info.name] = info
     return Checkpoint(path=path, tensors=tensors, metadata=metadata,
-                      side_files=find_side_files(folder))
+                      side_files=find_side_files(folder), index=index, shards=tuple(h.path for h in headers))
 
 
 def _read_single(path: str) -> tuple[list[Header], dict[str, str]]:

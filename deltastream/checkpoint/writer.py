@@ -109,13 +109,15 @@ class CheckpointWriter:
         """
         n = len(self.shards)
         _check_free_space(self.folder, sum(len(h) for h in self._headers) + self.total_size)
+        forgotten = False
         for i, (shard, header) in enumerate(zip(self.shards, self._headers)):
             path = os.path.join(self.folder, shard_name(i, n))
             size = len(header) + sum(t.nbytes for t in shard)
             if keep_existing and _has_header(path, header, size):
                 continue
-            if keep_existing and journal is not None:
-                journal.forget()
+            if keep_existing and journal is not None and not forgotten:
+                journal.forget()  # once: every record is gone after the first
+                forgotten = True
             try:  # never through a link: the folder is this run's, and so is every file in it
                 with open(os.open(path, _WRITE | os.O_CREAT | os.O_TRUNC, 0o644), "wb") as f:
                     f.write(header)

@@ -2,25 +2,29 @@
 
 Every output (an artifact folder or a checkpoint folder) is built under ``<OUT>.partial`` next
 to its final path, synced to disk and renamed into place only once complete. The work folder is
-created exclusively and holds a lock file for the run; an existing one is reused (``--resume``)
-or emptied only when that lock file says a deltastream run made it, and no other run holds it.
-An error, Ctrl-C or SIGTERM removes the work folder (with ``resume``, keeps it for the next run).
-An existing output is refused unless ``overwrite`` is set, and it is then moved into a fresh
-folder this run created before the new one takes its place. An output or work folder that is,
-holds or sits inside one of the job's inputs (links resolved) is always refused.
+made under a fresh name with the run's held lock file inside, then renamed to ``<OUT>.partial``
+(so it never exists without its lock); an existing one is reused (``--resume``) or emptied only
+when that lock file says a deltastream run made it, and no other run holds it. An error, Ctrl-C
+or SIGTERM removes the work folder (with ``resume``, keeps it for the next run); one while the
+output is put in place waits until it is. An existing output is refused unless ``overwrite`` is
+set, and it is then moved into a fresh folder this run created before the new one takes its
+place. An output or work folder that is, holds or sits inside one of the job's inputs (every
+file a checkpoint opened included; links resolved) is always refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import secrets
 import shutil
 import signal
 import stat
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from ..checkpoint.writer import FULL_ERRNOS, DiskFullError, free_space, space_note
@@ -77,14 +81,17 @@ def atomic_output(path: str, *, overwrite: bool = False, inputs: Iterable[str] =
     lock = _claim(tmp, path, resume)
     note = (f"the finished work is kept in '{escape(tmp)}': run the same command with --resume to continue"
             if resume else "partial output removed")
+    published = False
     try:
-        with handle_signals(note):
+        with handle_signals(lambda: f"the output '{escape(path)}' was complete" if published else note):
             yield tmp
-            _publish(tmp, path)
+            with _signals_held():  # a Ctrl-C while it is put in place waits: never half moved
+                _publish(tmp, path)
+                published = True
     except BaseException as exc:
         error = _no_space(exc, tmp, needed) if isinstance(exc, DiskFullError) or (
             isinstance(exc, OSError) and exc.errno in FULL_ERRNOS) else None
-        if not resume:
+        if not resume and not published:
             shutil.rmtree(tmp, ignore_errors=True)
         if error is not None:
             raise error from None
@@ -94,19 +101,64 @@ def atomic_output(path: str, *, overwrite: bool = False, inputs: Iterable[str] =
 
 
 def _claim(tmp: str, path: str, resume: bool) -> int:
-    """Create the work folder, or take over one a deltastream run left; return the held lock."""
+    """Create the work folder, or take over one a deltastream run left; return the held lock.
+
+    A new work folder is made under a fresh name of ours with its lock file held inside, then
+    renamed to ``tmp``: it never exists without its lock, so another run that finds it always
+    finds the lock too (and names this run), never a folder it takes for someone else's.
+    """
+    if not os.path.lexists(tmp):
+        fd = _create_locked(tmp, path)
+        if fd is not None:
+            return fd
+    fd = _lock_existing(tmp, path)
     try:
-        os.mkdir(tmp)  # never follows a link, never takes what exists
-    except FileExistsError:
-        fd = _lock_existing(tmp, path)
         if resume:
             _drop_foreign(tmp)
         else:
             _empty(tmp)
-        return fd
-    fd = os.open(os.path.join(tmp, LOCK), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    _hold(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
+
+
+def _create_locked(tmp: str, path: str) -> int | None:
+    """The held lock of a new work folder at ``tmp``; None if something appeared there first."""
+    staging = _fresh_folder(tmp)
+    fd = None
+    try:
+        fd = os.open(os.path.join(staging, LOCK), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        _hold(fd, path)  # a fresh file: never held by another run
+        try:
+            os.rename(staging, tmp)  # an existing folder holds the lock, so this never replaces another run's
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise
+            os.close(fd)
+            fd = None
+            shutil.rmtree(staging, ignore_errors=True)
+            return None
+        return fd
+    except BaseException:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _fresh_folder(tmp: str) -> str:
+    """A new folder next to ``tmp`` under a name of ours (made with the umask's mode, as the
+    output folder it becomes: not mkdtemp's 0700)."""
+    parent, name = os.path.split(tmp)
+    while True:
+        staging = os.path.join(parent, f".{name}.{secrets.token_hex(6)}.new")
+        try:
+            os.mkdir(staging)
+            return staging
+        except FileExistsError:
+            continue
 
 
 def _lock_existing(tmp: str, path: str) -> int:
@@ -220,16 +272,23 @@ def _no_space(exc: OSError, tmp: str, needed: int | None) -> DeltastreamError:
     return DeltastreamError(f"{where} ({what})")
 
 
+#: while a list (the output is being put in place), a SIGINT or SIGTERM is held in it, raised after
+_held: list[int] | None = None
+
+
 @contextlib.contextmanager
-def handle_signals(note: str = "partial output removed") -> Iterator[None]:
+def handle_signals(note: str | Callable[[], str] = "partial output removed") -> Iterator[None]:
     """Turn SIGINT and SIGTERM into :class:`Interrupted` in the main thread, for clean-up;
-    ``note`` says what became of the partial output."""
+    ``note`` (or what it returns when the signal comes) says what became of the partial output."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def raise_interrupted(signum, frame):
-        raise Interrupted(f"interrupted by {signal.Signals(signum).name}; {note}")
+        if _held is not None:
+            _held.append(signum)
+            return
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name}; {note() if callable(note) else note}")
 
     previous = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -237,6 +296,24 @@ def handle_signals(note: str = "partial output removed") -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM (as handle_signals handles them) until the block is done, then raise
+    the first one held. Python runs signal handlers in the main thread whichever thread the signal
+    reaches, so holding them there covers every thread (a sigmask of one thread would not)."""
+    global _held
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    outer, _held = _held, []
+    try:
+        yield
+    finally:
+        got, _held = _held, outer
+    if got:
+        signal.raise_signal(got[0])  # now handled as any other: Interrupted, with the note of now
 
 
 @contextlib.contextmanager

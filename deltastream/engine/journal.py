@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint.header import MAX_HEADER_BYTES
+from ..checkpoint.header import MAX_HEADER_BYTES, open_regular
 from ..checkpoint.reader import READS
 from ..checksum import crc32c
-from ..errors import ParameterError, tensor_context
+from ..errors import CheckpointError, DeltastreamError, ParameterError, tensor_context
 
 __all__ = ["Journal", "Entry", "journaled", "inputs_fingerprint", "encode_value", "decode_value", "parse_record"]
 
@@ -100,7 +100,7 @@ def journaled(fn, entry: Entry, task):
         result, reads = found
         for path, tensor, offset, nbytes, crc in reads:
             if _range_crc(path, offset, nbytes) != crc:
-                raise ParameterError(f"{tensor_context(path, tensor)}: changed since the interrupted run; "
+                raise CheckpointError(f"{tensor_context(path, tensor)}: changed since the interrupted run; "
                                      "run without --resume to start over")
         return result
     READS.ranges = ranges = []
@@ -318,35 +318,42 @@ def inputs_fingerprint(paths) -> list:
     """(path, size, mtime, content digest) of each input and of the files at its top level (the
     digest: of small files whole, of safetensors headers; the data is checked chunk by chunk
     through the records): a changed input invalidates a partial output."""
-    out = []
+    entries: dict[str, None] = {}  # each file once, though an input's folder and its files are both named
     for path in paths:
         path = os.path.abspath(path)
-        entries = [path]
+        entries[path] = None
         if os.path.isdir(path):
-            entries += [os.path.join(path, n) for n in sorted(os.listdir(path))]
+            entries.update((os.path.join(path, n), None) for n in sorted(os.listdir(path)))
         elif path.endswith(".json"):  # an index: its shards too
             folder = os.path.dirname(path)
-            entries += [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.endswith(".safetensors")]
-        for entry in entries:
-            try:
-                st = os.stat(entry)
-            except OSError:
-                continue
-            regular = stat.S_ISREG(st.st_mode)
-            out.append((entry, st.st_size if regular else 0, st.st_mtime_ns, _digest(entry, st) if regular else None))
+            entries.update((os.path.join(folder, n), None) for n in sorted(os.listdir(folder))
+                           if n.endswith(".safetensors"))
+    out = []
+    for entry in entries:
+        try:
+            st = os.stat(entry)
+        except OSError:
+            continue
+        regular = stat.S_ISREG(st.st_mode)
+        out.append((entry, st.st_size if regular else 0, st.st_mtime_ns, _digest(entry) if regular else None))
     return out
 
 
-def _digest(path: str, st: os.stat_result) -> str | None:
+def _digest(path: str) -> str | None:
+    """sha256 of a safetensors file's header or of a small file whole; None for a big file or
+    one that is not (any more) a regular file. Opened as the reader opens inputs (open_regular:
+    a FIFO or device swapped in is refused, never waited on) and checked by its descriptor."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             if path.endswith(".safetensors"):
                 n = int.from_bytes(f.read(8), "little")
                 data = f.read(min(n, MAX_HEADER_BYTES))
-            elif st.st_size <= _HASHED_BYTES:
-                data = f.read(_HASHED_BYTES)
+            elif os.fstat(f.fileno()).st_size <= _HASHED_BYTES:
+                data = f.read(_HASHED_BYTES + 1)
+                if len(data) > _HASHED_BYTES:  # grew since: not hashed whole
+                    return None
             else:
                 return None
-    except OSError:
+    except (OSError, DeltastreamError):
         return None
     return hashlib.sha256(data).hexdigest()

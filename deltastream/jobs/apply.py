@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..artifact.manifest import Manifest, TensorEntry, load_manifest
-from ..artifact.store import chunk_file, read_chunk
+from ..artifact.store import chunk_file, read_chunk, valid_len
 from ..checkpoint import Checkpoint, CheckpointWriter, OutputTensor, TensorInfo, open_checkpoint
 from ..checkpoint.writer import write_at
 from ..checksum import crc32c
 from ..engine import RunOptions, job_output, run_tasks
-from ..errors import CorruptChunkError, WrongBaseError, tensor_context
+from ..errors import CorruptChunkError, WrongBaseError, escape, tensor_context
 from ..methods import Method, StoredArray
 from ..methods.base import ChunkContext
 from ..plan import chunk_ranges
@@ -76,17 +76,13 @@ def _stored_chunk(task: RebuildTask) -> dict[str, np.ndarray]:
     if task.stored:
         return {s.role: read_chunk(task.root, task.entry_key, s, i, task.ctx.tensor, crc)
                 for s, crc in zip(task.arrays, task.stored_crc)}
-    return {s.role: np.zeros(max(0, min(s.chunk_len, s.total_len - i * s.chunk_len)), s.dtype)
-            for s in task.arrays}
+    return {s.role: np.zeros(valid_len(s, i), s.dtype) for s in task.arrays}
 
 
 def check_chunk(task: RebuildTask) -> dict:
-    """verify without a base: a stored chunk must exist, decode and match its checksums."""
+    """verify without a base: a stored chunk must exist, decode and match its checksums (read_chunk
+    reports a missing one)."""
     if task.stored:
-        for s in task.arrays:
-            path = chunk_file(task.root, task.entry_key, s.role, task.ctx.index)
-            if not os.path.lexists(path):
-                raise CorruptChunkError(f"{tensor_context(path, task.ctx.tensor)}: stored chunk is missing")
         _stored_chunk(task)
     return {}
 
@@ -97,19 +93,19 @@ def check_base(manifest: Manifest, base: Checkpoint) -> None:
     for name, info in base.tensors.items():
         if name not in expected:
             raise WrongBaseError(f"{tensor_context(info.path, name)}: not in the artifact's base: "
-                                 f"wrong base for '{manifest.path}'")
+                                 f"wrong base for '{escape(manifest.path)}'")
     for name, entry in expected.items():
         info = base.tensors.get(name)
         if info is None:
             raise WrongBaseError(f"{tensor_context(base.path, name)}: missing from the base: "
-                                 f"wrong base for '{manifest.path}'")
+                                 f"wrong base for '{escape(manifest.path)}'")
         fp = entry.base
         if info.dtype.name != fp["dtype"] or list(info.shape) != fp["shape"]:
             raise WrongBaseError(f"{tensor_context(info.path, name)}: {info.dtype.name} {info.shape}, but the "
                                  f"artifact's base has {fp['dtype']} {tuple(fp['shape'])}: wrong base")
         if head_crc32c(info, manifest.doc["head_bytes"]) != fp["head_crc32c"]:
             raise WrongBaseError(f"{tensor_context(info.path, name)}: contents differ from the artifact's "
-                                 f"base: wrong base for '{manifest.path}'")
+                                 f"base: wrong base for '{escape(manifest.path)}'")
 
 
 @dataclass(frozen=True)
@@ -168,7 +164,7 @@ def apply(base: str, artifact: str, out: str, *, max_shard_size: int = DEFAULT_M
     decodings = _decodings(manifest)
     outputs = [OutputTensor(e.name, e.dtype.name, e.shape) for e in manifest.tensors]
     plan = {"apply": manifest.digest, "shard": max_shard_size}
-    with job_output(out, overwrite=overwrite, inputs=[base_ckpt.path, manifest.path], resume=resume, plan=plan,
+    with job_output(out, overwrite=overwrite, inputs=[*base_ckpt.files, manifest.path], resume=resume, plan=plan,
                     options=options, needed=sum(o.nbytes for o in outputs)) as (folder, options):
         writer = CheckpointWriter(folder, outputs, max_shard_size, manifest.doc.get("fine_tune_metadata"))
         writer.create(keep_existing=resume, journal=options.journal)

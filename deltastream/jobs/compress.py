@@ -106,7 +106,7 @@ def compress(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes
     base_ckpt, ft_ckpt = open_checkpoint(base), open_checkpoint(fine_tune)
     jobs = prepare_jobs(pair_tensors(base_ckpt, ft_ckpt, chunk_bytes), method, policy, ft_ckpt)
     plan = {"compress": method.get_config(), "seed": seed, "chunk": chunk_bytes, "policy": repr(policy)}
-    with job_output(out, overwrite=overwrite, inputs=[base_ckpt.path, ft_ckpt.path], resume=resume, plan=plan,
+    with job_output(out, overwrite=overwrite, inputs=[*base_ckpt.files, *ft_ckpt.files], resume=resume, plan=plan,
                     options=options) as (root, options):
         write_root_attrs(root, {})
         _compress_one(base_ckpt, root, ft_ckpt, jobs, method, policy, seed, chunk_bytes, options, device)
@@ -134,8 +134,9 @@ def compress_many(base: str, fine_tunes: list[str], out_dir: str, method: Method
     names = _artifact_names(fts)
     plans = [pair_tensors(base_ckpt, ft, chunk_bytes) for ft in fts]
     job = {"compress": method.get_config(), "seed": seed, "chunk": chunk_bytes, "policy": repr(policy)}
-    with job_output(out_dir, overwrite=overwrite, inputs=[base_ckpt.path] + [f.path for f in fts], resume=resume,
-                    plan=job, options=options) as (folder, options):
+    inputs = base_ckpt.files + [p for f in fts for p in f.files]
+    with job_output(out_dir, overwrite=overwrite, inputs=inputs, resume=resume, plan=job,
+                    options=options) as (folder, options):
         outputs = []
         for name, ft, plan in zip(names, fts, plans):
             root = os.path.join(folder, name)

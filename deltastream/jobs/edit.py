@@ -59,7 +59,7 @@ def edit(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes: in
     metadata = {**ft_ckpt.metadata, "deltastream_method": method.method_id, "deltastream_seed": str(seed)}
     plan = {"edit": method.get_config(), "seed": seed, "chunk": chunk_bytes, "policy": repr(policy),
             "shard": max_shard_size}
-    with job_output(out, overwrite=overwrite, inputs=[base_ckpt.path, ft_ckpt.path], resume=resume, plan=plan,
+    with job_output(out, overwrite=overwrite, inputs=[*base_ckpt.files, *ft_ckpt.files], resume=resume, plan=plan,
                     options=options, needed=sum(o.nbytes for o in outputs)) as (folder, options):
         writer = CheckpointWriter(folder, outputs, max_shard_size, metadata)
         writer.create(keep_existing=resume, journal=options.journal)

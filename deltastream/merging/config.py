@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ParameterError, tensor_context
+from ..errors import ParameterError, show, tensor_context
 from ..params import is_finite_number, range_problem
 from ..yamlconfig import load_yaml
 from .methods import MERGE_METHODS
@@ -90,19 +90,19 @@ def load_merge_config(path: str) -> MergeConfig:
         raise ParameterError(f"{where()}: a merge config is a mapping (merge_method, base_model, models, ...)")
     for key in doc:
         if key not in TOP_KEYS:
-            raise ParameterError(f"{where(key)}: unknown key '{key}' (valid: {', '.join(sorted(TOP_KEYS - set(UNSUPPORTED)))})")
+            raise ParameterError(f"{where(key)}: unknown key {show(key)} (valid: {', '.join(sorted(TOP_KEYS - set(UNSUPPORTED)))})")
         if key in UNSUPPORTED and doc[key] is not None:
-            raise ParameterError(f"{where(key)}: '{key}' ({UNSUPPORTED[key]}) is not supported by deltastream merge; "
+            raise ParameterError(f"{where(key)}: {show(key)} ({UNSUPPORTED[key]}) is not supported by deltastream merge; "
                                  "use 'models:' with per-tensor filters")
     source = doc.get("tokenizer_source", "base")
     if source not in (None, "base"):
-        raise ParameterError(f"{where('tokenizer_source')}: tokenizer_source '{source}' is not supported: "
+        raise ParameterError(f"{where('tokenizer_source')}: tokenizer_source {show(source)} is not supported: "
                              "only 'base' (the base model's tokenizer, embeddings cropped to it)")
     method = doc.get("merge_method")
     if method is None:
         raise ParameterError(f"{where()}: missing 'merge_method'")
     if not isinstance(method, str):
-        raise ParameterError(f"{where('merge_method')}: merge_method must be a name, not {method!r}")
+        raise ParameterError(f"{where('merge_method')}: merge_method must be a name, not {show(method)}")
     models_doc = doc.get("models")
     if not isinstance(models_doc, list) or not models_doc:
         raise ParameterError(f"{where('models')}: 'models' must be a non-empty list of {{model, parameters}}")
@@ -115,7 +115,7 @@ def load_merge_config(path: str) -> MergeConfig:
             raise ParameterError(f"{where('models', i)}: a model entry needs 'model: PATH'")
         extra = sorted((k for k in entry if k not in ("model", "parameters")), key=str)
         if extra:
-            raise ParameterError(f"{where('models', i, extra[0])}: unknown key '{extra[0]}' in a model entry "
+            raise ParameterError(f"{where('models', i, extra[0])}: unknown key {show(extra[0])} in a model entry "
                                  "(valid: model, parameters)")
         ref = _path(entry["model"], "model", where("models", i, "model"))
         params = _parameters(entry.get("parameters"), method, lambda *k: where("models", i, "parameters", *k))
@@ -126,7 +126,7 @@ def load_merge_config(path: str) -> MergeConfig:
     for key in ("dtype", "out_dtype"):
         value = doc.get(key)
         if value is not None and str(value) not in DTYPES:
-            raise ParameterError(f"{where(key)}: {key} '{value}' is not one of {', '.join(sorted(set(DTYPES)))}")
+            raise ParameterError(f"{where(key)}: {key} {show(value)} is not one of {', '.join(sorted(set(DTYPES)))}")
         dtypes[key] = DTYPES[str(value)] if value is not None else None
     params = _parameters(doc.get("parameters"), method, lambda *k: where("parameters", *k), top=True)
     return MergeConfig(path=os.path.abspath(path), text=text, method=method,
@@ -137,7 +137,7 @@ def load_merge_config(path: str) -> MergeConfig:
 
 def _path(value: Any, key: str, where: str) -> str:
     if not isinstance(value, str) or not value:
-        raise ParameterError(f"{where}: {key} must be a path, not {value!r}")
+        raise ParameterError(f"{where}: {key} must be a path, not {show(value)}")
     return value
 
 
@@ -160,11 +160,11 @@ def _parameters(value: Any, method: str, where, top: bool = False) -> dict[str, 
         if key in _RANGES:
             _setting(key, setting, _range(key, method), where, (key,))
         elif top and key in _FLAGS and not isinstance(setting, bool):
-            raise ParameterError(f"{where(key)}: {key} must be true or false, not {setting!r}")
+            raise ParameterError(f"{where(key)}: {key} must be true or false, not {show(setting)}")
         elif top and key == "lambda" and not (_number(setting) and is_finite_number(setting)):
-            raise ParameterError(f"{where(key)}: lambda must be a finite number, not {setting!r}")
+            raise ParameterError(f"{where(key)}: lambda must be a finite number, not {show(setting)}")
         elif top and key in _CHOICES and setting not in _CHOICES[key]:
-            raise ParameterError(f"{where(key)}: {key} must be one of {', '.join(_CHOICES[key])}, not {setting!r}")
+            raise ParameterError(f"{where(key)}: {key} must be one of {', '.join(_CHOICES[key])}, not {show(setting)}")
     return dict(value)
 
 
@@ -187,7 +187,7 @@ def _setting(key: str, setting: Any, bounds: tuple, where, at: tuple, nested: bo
     if _number(setting):
         low, high, low_open = bounds
         if not is_finite_number(setting):
-            raise ParameterError(f"{where(*at)}: {key} must be a finite number, not {setting!r}")
+            raise ParameterError(f"{where(*at)}: {key} must be a finite number, not {show(setting)}")
         problem = range_problem(key, setting, low, high, low_open)
         if problem:
             raise ParameterError(f"{where(*at)}: {problem}")
@@ -198,17 +198,17 @@ def _setting(key: str, setting: Any, bounds: tuple, where, at: tuple, nested: bo
         for i, entry in enumerate(setting):
             extra = sorted((k for k in entry if k not in ("filter", "value")), key=str)
             if extra:
-                raise ParameterError(f"{where(*at, i, extra[0])}: unknown key '{extra[0]}' in a filter entry "
+                raise ParameterError(f"{where(*at, i, extra[0])}: unknown key {show(extra[0])} in a filter entry "
                                      "(valid: filter, value)")
             if "value" not in entry:
                 raise ParameterError(f"{where(*at, i)}: a filter entry needs 'value'")
             if entry.get("filter") is not None and not isinstance(entry["filter"], str):
-                raise ParameterError(f"{where(*at, i, 'filter')}: filter must be a string, not {entry['filter']!r}")
+                raise ParameterError(f"{where(*at, i, 'filter')}: filter must be a string, not {show(entry['filter'])}")
             _setting(key, entry["value"], bounds, where, at + (i, "value"), nested=True)
     else:
         forms = "a number or a list of numbers (a gradient)" if nested else \
             "a number, a list of numbers (a gradient) or a list of {filter, value}"
-        raise ParameterError(f"{where(*at)}: {key} must be {forms}, not {setting!r}")
+        raise ParameterError(f"{where(*at)}: {key} must be {forms}, not {show(setting)}")
 
 
 def layer_position(tensor: str, layers: int) -> float:

@@ -113,18 +113,26 @@ def _is_embed(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in DEFAULT_KEEP_EXACT)
 
 
-def _open_model(entry, cfg: MergeConfig, scratch_dir: str, base_path: str | None, options: RunOptions) -> Checkpoint:
+def _open_input(entry, cfg: MergeConfig) -> Checkpoint | None:
+    """A model checkpoint opened by its headers, before any output exists (so that the output is
+    checked against every file it holds); None for an artifact, rebuilt by _open_model."""
     if not os.path.exists(entry.path):
         raise ParameterError(f"file '{cfg.path}' line {entry.line}: model '{entry.model}' not found ({entry.path})")
-    if os.path.isfile(os.path.join(entry.path, "zarr.json")):  # an artifact: rebuild it, streamed
-        from ..jobs.apply import apply
-
-        if base_path is None:
+    if os.path.isfile(os.path.join(entry.path, "zarr.json")):  # an artifact
+        if cfg.base is None:
             raise ParameterError(f"{cfg.where('models')}: model '{entry.model}' is an artifact: it needs base_model")
-        out = os.path.join(scratch_dir, f"model-{abs(hash(entry.model)) % 10**8}")
-        apply(base_path, entry.path, out, overwrite=True, options=replace(options, journal=None))
-        return open_checkpoint(out)
+        return None
     return open_checkpoint(entry.path)
+
+
+def _open_model(entry, opened: Checkpoint | None, scratch_dir: str, base_path: str, options: RunOptions) -> Checkpoint:
+    if opened is not None:
+        return opened
+    from ..jobs.apply import apply  # an artifact: rebuild it, streamed
+
+    out = os.path.join(scratch_dir, f"model-{abs(hash(entry.model)) % 10**8}")
+    apply(base_path, entry.path, out, overwrite=True, options=replace(options, journal=None))
+    return open_checkpoint(out)
 
 
 def _crop(info: TensorInfo, base: TensorInfo, model: str, strict: bool) -> TensorInfo:
@@ -184,15 +192,18 @@ def merge(config: str, out: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, memo
     flags = _check_params(cfg, spec)
     if cfg.base is not None and not os.path.exists(cfg.base):
         raise ParameterError(f"{cfg.where('base_model')}: base_model not found ({cfg.base})")
-    inputs = [cfg.base] if cfg.base else []
     plan = {"merge": cfg.text, "seed": seed, "chunk": chunk_bytes, "strict": strict, "shard": max_shard_size}
-    with job_output(out, overwrite=overwrite, inputs=[cfg.path] + inputs + [m.path for m in cfg.models], resume=resume,
-                    plan=plan, options=options) as (folder, options):
+    base = open_checkpoint(cfg.base) if cfg.base else None
+    if cfg.method != "linear":  # as mergekit: the base listed among the models adds no task vector
+        cfg = replace(cfg, models=tuple(m for m in cfg.models if m.path != cfg.base))
+    opened = [_open_input(m, cfg) for m in cfg.models]
+    # every file read: the config, each checkpoint's index, shards and side files, each artifact's folder
+    inputs = [cfg.path] + (base.files if base else []) + [p for m, c in zip(cfg.models, opened)
+                                                          for p in (c.files if c is not None else [m.path])]
+    with job_output(out, overwrite=overwrite, inputs=inputs, resume=resume, plan=plan,
+                    options=options) as (folder, options):
         scratch_dir = os.path.join(folder, ".inputs")
-        base = open_checkpoint(cfg.base) if cfg.base else None
-        if cfg.method != "linear":  # as mergekit: the base listed among the models adds no task vector
-            cfg = replace(cfg, models=tuple(m for m in cfg.models if m.path != cfg.base))
-        models = [_open_model(m, cfg, scratch_dir, cfg.base, options) for m in cfg.models]
+        models = [_open_model(m, c, scratch_dir, cfg.base, options) for m, c in zip(cfg.models, opened)]
         reference = base or models[0]
         layers = len({n.split(".layers.")[1].split(".")[0] for n in reference.tensors if ".layers." in n})
         matched = _match_tensors(cfg, reference, models, strict)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ParameterError
+from ..errors import ParameterError, show
 from .base import Method, StoredArray
 from .bitdelta import BitDelta
 from .dare import Biased, Dare
@@ -33,7 +33,7 @@ def get_method(name: str, **params: Any) -> Method:
     try:
         cls = METHODS[name]
     except KeyError:
-        raise ParameterError(f"unknown method '{name}'; valid methods: {', '.join(sorted(METHODS))}") from None
+        raise ParameterError(f"unknown method {show(name)}; valid methods: {', '.join(sorted(METHODS))}") from None
     return cls(**params)
 
 
