@@ -21,6 +21,7 @@ import crc32c
 import numpy as np
 from numcodecs import Blosc, Zstd
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
+from ..checkpoint.writer import start_writeback
 
 __all__ = ["Preset", "PRESETS", "ChecksumError", "encode_chunk", "decode_chunk", "write_file_atomic"]
 
@@ -115,6 +116,8 @@ def write_file_atomic(path: str, *parts) -> None:
         with open(tmp, "wb") as f:
             for part in parts:
                 f.write(part)
+            f.flush()
+            start_writeback(f.fileno())  # on disk by the time the output is synced and renamed
     except OSError as exc:  # a full disk names the file (the job's output says how much it needs)
         raise OSError(exc.errno, exc.strerror, path) from None
     os.replace(tmp, path)

@@ -10,6 +10,7 @@ Hugging Face (``model-00001-of-00003.safetensors`` + ``model.safetensors.index.j
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import math
@@ -27,6 +28,28 @@ __all__ = ["OutputTensor", "CheckpointWriter", "DiskFullError", "FULL_ERRNOS", "
            "free_space", "space_note"]
 
 _WRITE = os.O_WRONLY | os.O_NOFOLLOW
+
+
+def _writeback_starter():
+    """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk without
+    waiting. Each chunk's bytes go to disk while the next chunks compute, so the fsync that makes
+    the output durable before its rename finds little left to do (apply of a 0.5B pair: the
+    fsync took 4.5 s after the job, measured by benchmarks/bench_durability.py). None elsewhere."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return fn
+
+
+_START_WRITEBACK = _writeback_starter()
+
+
+def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> None:
+    """Start writing bytes [offset, offset + nbytes) of an open file to disk (0: to its end)."""
+    if _START_WRITEBACK is not None:
+        _START_WRITEBACK(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE
 #: the errors of a full disk (or quota)
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
@@ -184,10 +207,12 @@ def write_at(path: str, offset: int, data: np.ndarray, tensor: str = "") -> None
     try:
         fd = os.open(path, _WRITE)
         try:
+            start = offset
             while view:
                 written = os.pwrite(fd, view, offset)
                 view = view[written:]
                 offset += written
+            start_writeback(fd, start, offset - start)
         finally:
             os.close(fd)
     except OSError as exc:
