@@ -296,3 +296,15 @@ def test_docs_cli_md_names_every_option():
                       for opt in a.option_strings if opt.startswith("--") and opt != "--help"
                       and not re.search(rf"{opt}\b", docs)})
     assert not missing, missing
+
+
+def test_docs_cli_md_states_the_limits_the_code_enforces():
+    from deltastream import params, units, yamlconfig
+
+    docs = open(os.path.join(os.path.dirname(__file__), "..", "docs", "cli.md"), encoding="utf-8").read()
+    assert params.MAX_SEED == 2**64 - 1 and "0 to 2⁶⁴−1" in docs
+    assert f"1 to {params.MAX_WORKERS}" in docs
+    assert f"(1 to {params.MAX_PROCESSES})" in docs
+    assert f"at most\n{units.MAX_SIZE >> 40} TiB" in docs or f"at most {units.MAX_SIZE >> 40} TiB" in docs
+    assert (f"A config is at most {yamlconfig.MAX_BYTES >> 20} MiB, {yamlconfig.MAX_DEPTH} levels deep, and of at "
+            f"most {yamlconfig.MAX_NODES:,} nodes") in docs

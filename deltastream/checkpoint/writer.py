@@ -33,8 +33,8 @@ _WRITE = os.O_WRONLY | os.O_NOFOLLOW
 def _writeback_starter():
     """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk without
     waiting. Each chunk's bytes go to disk while the next chunks compute, so the fsync that makes
-    the output durable before its rename finds little left to do (apply of a 0.5B pair: the
-    fsync took 4.5 s after the job, measured by benchmarks/bench_durability.py). None elsewhere."""
+    the output durable before its rename finds little left to do (benchmarks/bench_durability.py,
+    "apply: sync, no per-chunk writeback"). None elsewhere."""
     try:
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):

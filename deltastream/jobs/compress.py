@@ -88,7 +88,9 @@ def compress_chunk(task: CompressTask) -> dict:
     return results
 
 
-def _check_compact(method: Method, chunk_bytes: int) -> None:
+def _check_job(method: Method, chunk_bytes: int) -> None:
+    """What an artifact can hold, refused before any I/O: a method with a stored form, chunks
+    no larger than a reader accepts."""
     if chunk_bytes > mf.MAX_CHUNK_BYTES:
         raise ParameterError(f"chunk size {chunk_bytes} bytes is over the artifact format's limit of "
                              f"{mf.MAX_CHUNK_BYTES} bytes per chunk")
@@ -102,7 +104,7 @@ def compress(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes
              options: RunOptions = RunOptions(), device: str = "cpu") -> str:
     """Write the artifact of fine_tune's delta against base to ``out``; return its path.
     ``resume`` continues a killed run of the same job from its finished chunks."""
-    _check_compact(method, chunk_bytes)
+    _check_job(method, chunk_bytes)
     base_ckpt, ft_ckpt = open_checkpoint(base), open_checkpoint(fine_tune)
     jobs = prepare_jobs(pair_tensors(base_ckpt, ft_ckpt, chunk_bytes), method, policy, ft_ckpt)
     plan = {"compress": method.get_config(), "seed": seed, "chunk": chunk_bytes, "policy": repr(policy)}
@@ -128,7 +130,7 @@ def compress_many(base: str, fine_tunes: list[str], out_dir: str, method: Method
                   device: str = "cpu") -> list[str]:
     """One artifact per fine-tune, ``out_dir/<name>.dsz``, in one graph that reads each base chunk
     once for all of them (the cluster batch job); return their paths."""
-    _check_compact(method, chunk_bytes)
+    _check_job(method, chunk_bytes)
     base_ckpt = open_checkpoint(base)
     fts = [open_checkpoint(f) for f in fine_tunes]
     names = _artifact_names(fts)
