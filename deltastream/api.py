@@ -8,13 +8,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 from .engine import RunOptions
 from .jobs import apply as apply_job
 from .jobs import compress as compress_job
 from .jobs import edit as edit_job
 from .jobs import info as info_job
+from .errors import ParameterError
 from .methods import Method, get_method
 from .params import parse_local_cluster, parse_seed, parse_strings, parse_workers
 from .plan import DEFAULT_CHUNK_BYTES
@@ -50,29 +51,52 @@ def policy(include: str | tuple[str, ...], exclude: str | tuple[str, ...]) -> Po
 
 
 def effective_chunk_bytes(chunk_size: int | str | None, memory: int | str | None, options: RunOptions,
-                          method: Method | None = None) -> int:
-    """The chunk size, shrunk so that workers x footprint x chunk fits the memory budget."""
+                          method: Method | None = None, *, per_byte: int | None = None) -> int:
+    """The chunk size, shrunk so that workers x footprint x chunk fits the memory budget. The
+    footprint is the method's (``footprint``), or ``per_byte``: a job's own bytes held per byte
+    of input chunk (merge: ``merging.plan.merge_footprint`` of its model count)."""
     chunk = parse_size(chunk_size, "chunk size") if chunk_size is not None else DEFAULT_CHUNK_BYTES
     budget = parse_size(memory, "memory budget") if memory is not None else DEFAULT_MEMORY_BYTES
-    fit = budget // (options.n_workers * footprint(method))
+    fit = budget // (options.n_workers * (per_byte or footprint(method)))
     return min(chunk, max(fit, 1 << 16))
+
+
+def resolve_method(method: str | Method, params: dict[str, Any], function: str) -> Method:
+    """A method from its name and keyword parameters (the method refuses one it does not have:
+    ``chunksize=`` for ``chunk_size=``), or a Method object, which carries its own: then every
+    extra keyword is such a mistake, refused rather than ignored."""
+    if isinstance(method, Method):
+        if params:
+            raise ParameterError(f"{function}(): unexpected keyword argument(s) {', '.join(sorted(params))} "
+                                 f"(method '{method.method_id}' is a Method object, which carries its parameters)")
+        return method
+    if not isinstance(method, str):
+        raise ParameterError(f"{function}(): method must be a method name or a Method, not {type(method).__name__}")
+    return get_method(method, **params)
+
+
+@overload
+def compress(base: str, fine_tune: str, out: str, method: str | Method = ..., **kwargs: Any) -> str: ...
+@overload
+def compress(base: str, fine_tune: list[str], out: str, method: str | Method = ..., **kwargs: Any) -> list[str]: ...
 
 
 def compress(base: str, fine_tune: str | list[str], out: str, method: str | Method = "lossless", *,
              chunk_size: int | str | None = None, memory: int | str | None = None, seed: int = 0,
              include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), overwrite: bool = False,
              resume: bool = False, device: str = "cpu", workers: int | None = None, scheduler: str | None = None,
-             progress: bool | None = False, client: Any = None, **params: Any) -> str:
-    """Compress fine_tune's delta against base into the artifact ``out``; given a list of
-    fine-tunes, write ``out/<name>.dsz`` for each in one pass over the base (returns the paths).
+             progress: bool | None = False, client: Any = None, **params: Any) -> str | list[str]:
+    """Compress fine_tune's delta against base into the artifact ``out`` (returns its path); given
+    a list of fine-tunes, write ``out/<name>.dsz`` for each in one pass over the base (returns the
+    list of paths).
 
     ``method`` is a name (its parameters as keyword arguments, e.g. ``p=0.9``) or a Method;
     ``include``/``exclude`` are glob patterns of tensor names (see ``deltastream.policy``);
-    ``device`` "cuda" (or "auto") encodes dare and 1-bit bitdelta chunks on the GPU.
+    ``device`` "cuda" (or "auto") encodes on the GPU the methods that have a torch encoder.
     """
     from .device import resolve_device
 
-    m = method if isinstance(method, Method) else get_method(method, **params)
+    m = resolve_method(method, params, "compress")
     options = run_options(workers, scheduler, progress, client)
     job = compress_job.compress if isinstance(fine_tune, str) else compress_job.compress_many
     return job(base, fine_tune, out, m, chunk_bytes=effective_chunk_bytes(chunk_size, memory, options, m),
@@ -89,7 +113,7 @@ def edit(base: str, fine_tune: str, out: str, method: str | Method, *, chunk_siz
     ``device`` "cuda" (or "auto": CUDA when present) edits each chunk on the GPU, with the same bits."""
     from .device import resolve_device
 
-    m = method if isinstance(method, Method) else get_method(method, **params)
+    m = resolve_method(method, params, "edit")
     options = run_options(workers, scheduler, progress, client)
     path, _ = edit_job.edit(base, fine_tune, out, m, chunk_bytes=effective_chunk_bytes(chunk_size, memory, options, m),
                             seed=parse_seed(seed), policy=policy(include, exclude),
@@ -132,6 +156,7 @@ def merge(config: str, out: str, *, seed: int = 0, strict: bool = False, chunk_s
     options = run_options(workers, scheduler, progress, client)
     chunk = parse_size(chunk_size, "chunk size") if chunk_size is not None else DEFAULT_CHUNK_BYTES
     budget = parse_size(memory, "memory budget") if memory is not None else DEFAULT_MEMORY_BYTES
+    # the chunk shrinks to fit the budget once the models are counted (merging.plan.merge_footprint)
     return merge_job(config, out, chunk_bytes=chunk, memory=budget, seed=parse_seed(seed), strict=strict,
                      max_shard_size=parse_size(max_shard_size, "max shard size"), overwrite=overwrite,
                      resume=resume, options=options)

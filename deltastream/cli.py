@@ -12,14 +12,15 @@ import json
 import os
 import sys
 import time
+import warnings
 
 from . import api
 from ._version import __version__
-from .errors import DeltastreamError, Interrupted, escape
+from .errors import DeltastreamError, DeltastreamWarning, Interrupted, escape
 from .config import load_job_config
 from .engine.graph import local_cluster
 from .errors import ParameterError
-from .jobs.info import format_info
+from .jobs.info import format_info, format_verified
 from .methods import METHODS, get_method
 from .params import MAX_PROCESSES, MAX_WORKERS, parse_assignments, parse_local_cluster, parse_seed, parse_workers
 from .units import format_size
@@ -253,8 +254,7 @@ def _command(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2, ensure_ascii=True) if args.json else format_info(summary))
     elif args.command == "verify":
         api.verify(args.artifact, args.base, **_run_kwargs(args))
-        what = f"and base '{args.base}' match" if args.base else "is intact"
-        print(f"ok: artifact '{args.artifact}' {what}")
+        print(format_verified(api.info(args.artifact), args.artifact, args.base))
     elif args.command == "demo":
         from .demo import run_demo
 
@@ -262,11 +262,26 @@ def _command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A deltastream warning as one line, as errors are; any other as Python shows it."""
+    if issubclass(category, DeltastreamWarning):
+        print(f"deltastream: warning: {escape(message)}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a tensor name an ASCII terminal cannot show is escaped, not a crash
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():  # restores the filters and showwarning when the command ends
+        warnings.simplefilter("always", DeltastreamWarning)
+        warnings.showwarning = _show_warning
+        return _run_command(args)
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:
         _parse_numbers(args)
         with _cluster(args):

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import kernels
 
-__all__ = ["DType", "DTYPES", "COMPUTABLE", "dtype_by_name", "to_float32", "from_float32"]
+__all__ = ["DType", "DTYPES", "COMPUTABLE", "COMPUTABLE_NAMES", "dtype_by_name", "to_float32", "from_float32"]
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,9 @@ _TABLE = [
 ]
 
 DTYPES: dict[str, DType] = {d.name: d for d in _TABLE}
-#: the computable dtypes' names, for messages
-COMPUTABLE = ", ".join(d.name for d in _TABLE if d.computable)
+#: the dtypes lossy methods compute on (by name), and the same for messages
+COMPUTABLE_NAMES = tuple(d.name for d in _TABLE if d.computable)
+COMPUTABLE = ", ".join(COMPUTABLE_NAMES)
 
 
 def dtype_by_name(name: str) -> DType | None:

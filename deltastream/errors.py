@@ -20,6 +20,7 @@ __all__ = [
     "OutputExistsError",
     "ParameterError",
     "Interrupted",
+    "DeltastreamWarning",
     "escape",
     "show",
     "tensor_context",
@@ -54,6 +55,11 @@ class WrongBaseError(DeltastreamError, ValueError):
 
 class OutputExistsError(DeltastreamError, FileExistsError):
     """The output path exists and ``--overwrite`` was not given."""
+
+
+class DeltastreamWarning(UserWarning):
+    """Something deltastream did on the user's behalf that they should know (a cropped vocabulary,
+    an option it ignores); the CLI shows it as one ``deltastream: warning:`` line."""
 
 
 class ParameterError(DeltastreamError, ValueError):

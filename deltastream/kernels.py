@@ -9,22 +9,19 @@ as the numpy definitions they replace (tests/test_kernels.py checks each against
 * :func:`split_sums`, :func:`row_split_sums`, :func:`block_split_sums` - the exact magnitude
   sums of deltastream.exact (of a chunk, of each row, of each block), in integer arithmetic on the
   float32 bit patterns;
-* :func:`draws`, :func:`keep_draws` - the element RNG (deltastream.rng) and DARE's keep mask;
-* :func:`dare_compact` - DARE's encode: the kept entries' zigzagged bit differences, compacted;
-* :func:`dare_expand` - DARE's decode: the kept entries back in their places;
-* :func:`dare_bf16_output` - DARE's whole apply or edit of a BF16 chunk, from the draws to the
-  rounded output; :func:`dare_scale_kept` - DARE's edit of a float32 delta (other dtypes, merges);
+* :func:`draws` - the element RNG (deltastream.rng);
 * :func:`bf16_delta` - every lossy method's delta of a BF16 chunk, f32(ft) - f32(base);
-* :func:`bf16_delta_signs` - BitDelta's encode on BF16: the delta and its packed signs;
-* :func:`add_signed` - BitDelta's decode: one level of +-alpha from packed signs;
-  :func:`bitdelta_bf16_output` - 1-bit BitDelta's whole output of a BF16 chunk;
 * :func:`bf16_round`, :func:`bf16_add_round` - float32 to bf16, to nearest even (every lossy
   method's output: base + edited delta, rounded);
 * :func:`select` - np.where of two float32 scalars (signs, multipliers);
 * :func:`consensus_add` - one model's term of a TIES sign-consensus merge;
 * :func:`count_high`, :func:`gather_candidates`, :func:`below_and_near`,
-  :func:`zero_outside_block` - the per-element steps of the exact rank passes (ranks.py) and of
-  TIES' trim.
+  :func:`zero_outside_block`, :func:`block_split_sums` - the per-element steps of the exact rank
+  passes (ranks.py), of TIES' trim and of multi-bit BitDelta's block sums.
+
+A method's own kernels live next to it (methods/dare_kernels.py, methods/bitdelta_kernels.py)
+and are registered as its "numba" implementations (methods/backends.py); the steps here, and the
+bit casts and the RNG hash they build on, are shared.
 
 Compiled on first use and cached on disk (``cache=True``), so only a new install pays the
 compile (a few seconds).
@@ -38,10 +35,9 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-__all__ = ["split_sums", "row_split_sums", "block_split_sums", "draws", "keep_draws", "dare_compact", "dare_expand",
-           "dare_bf16_output", "dare_scale_kept", "bf16_delta", "bf16_delta_signs", "add_signed", "bitdelta_bf16_output", "bf16_round",
+__all__ = ["split_sums", "row_split_sums", "block_split_sums", "draws", "bf16_delta", "bf16_round",
            "bf16_add_round", "select", "consensus_add", "count_high", "gather_candidates", "below_and_near",
-           "zero_outside_block"]
+           "zero_outside_block", "SEGMENT"]
 
 _U32 = np.uint64(0xFFFFFFFF)
 M1, M2 = 0x7FEB352D, 0x846CA68B  # lowbias32's multipliers (deltastream.rng)
@@ -100,15 +96,6 @@ SEGMENT = 1 << 26  # elements per kernel call of a sum: int64 partials stay belo
 
 
 @_jit
-def _keep_word(k0, k1, start, count, t):
-    """The keep decisions of elements start .. start + count - 1 (count <= 64) as bits of a word."""
-    word = np.uint64(0)
-    for b in range(count):
-        word |= np.uint64(_draw(k0, k1, start + b) >= t) << np.uint64(b)
-    return word
-
-
-@_jit
 def _parts(bits, weight):
     """|x| (float32 bit pattern) on the 2^-56 grid, truncated, as (high, low, big) int64 with
     |x| ~= high * 2^-20 + low * 2^-56 (deltastream.exact); big = 1 for |x| >= 2^16, inf or NaN,
@@ -164,86 +151,10 @@ def draws(k0, k1, start, out):
 
 
 @_jit
-def keep_draws(k0, k1, start, n, threshold, out):
-    """out[i] = draw(start + i) >= threshold (DARE's keep mask); returns the kept count."""
-    k0 = np.uint64(k0)
-    k1 = np.uint64(k1)
-    t = np.uint64(threshold)
-    kept = 0
-    for i in range(n):
-        keep = _draw(k0, k1, start + i) >= t
-        out[i] = keep
-        kept += keep
-    return kept
-
-
-@_jit
-def dare_compact(base, ft, k0, k1, start, threshold, bits, out):
-    """DARE encode: out[:kept] = zigzag(ft - base) of the kept elements, in order; returns kept.
-
-    base and ft are unsigned bit patterns (uint8..uint64) of ``bits`` bits. The keep decisions
-    of 64 elements go into one word whose set bits are then visited: no per-element branch to
-    mispredict on a random mask, and no work on the dropped elements."""
-    k0 = np.uint64(k0)
-    k1 = np.uint64(k1)
-    t = np.uint64(threshold)
-    width = np.uint64(bits)
-    full = np.uint64(0xFFFFFFFFFFFFFFFF) >> (np.uint64(64) - width)
-    top = width - np.uint64(1)
-    kept = 0
-    for s in range(0, ft.size, 64):
-        word = _keep_word(k0, k1, start + s, min(ft.size - s, 64), t)
-        while word:
-            i = s + np.int64(_ctz64(word))
-            word &= word - np.uint64(1)
-            d = (np.uint64(ft[i]) - np.uint64(base[i])) & full
-            out[kept] = ((d << np.uint64(1)) ^ (np.uint64(0) - (d >> top))) & full
-            kept += 1
-    return kept
-
-
-@_jit
-def dare_expand(kept_values, keep, out):
-    """DARE decode: kept_values in order to the kept positions of out, zeros elsewhere (the stored
-    chunk is padded: its tail is ignored). Returns the number of kept positions; when
-    kept_values is shorter than that, nothing is written."""
-    count = 0
-    for i in range(keep.size):
-        count += np.int64(keep[i])
-    if count > kept_values.size:
-        return count
-    j = 0
-    for i in range(keep.size):
-        if keep[i]:
-            out[i] = kept_values[j]
-            j += 1
-        else:
-            out[i] = 0
-    return count
-
-
-@_jit
 def bf16_delta(base, ft, delta):
     """delta = f32(ft) - f32(base) of a BF16 chunk (every lossy method's input), in one pass."""
     for i in range(ft.size):
         delta[i] = _as_f32(np.uint32(ft[i]) << np.uint32(16)) - _as_f32(np.uint32(base[i]) << np.uint32(16))
-
-
-@_jit
-def bf16_delta_signs(base, ft, delta, packed):
-    """BitDelta's 1-bit encode of a BF16 chunk in one pass: delta = f32(ft) - f32(base) (float32)
-    and packed[j] bit 7-b = (delta[8j + b] >= 0), big bit order as np.packbits (NaN packs 0, as
-    numpy's ``NaN >= 0``). The magnitude sum is a second kernel (split_sums): fused into this
-    loop it kept the loop from vectorizing and ran slower."""
-    n = ft.size
-    for j in range((n + 7) // 8):
-        byte = np.uint32(0)
-        for b in range(min(8, n - 8 * j)):
-            i = 8 * j + b
-            d = _as_f32(np.uint32(ft[i]) << np.uint32(16)) - _as_f32(np.uint32(base[i]) << np.uint32(16))
-            delta[i] = d
-            byte |= np.uint32(d >= 0) << np.uint32(7 - b)
-        packed[j] = byte
 
 
 @_jit
@@ -267,82 +178,6 @@ def bf16_add_round(base, edited, out):
     """out = round_bf16(edited + f32(base)): a lossy method's output from its edited delta."""
     for i in range(edited.size):
         out[i] = _round_bf16(edited[i] + _as_f32(np.uint32(base[i]) << np.uint32(16)))
-
-
-@_jit
-def add_signed(packed, alpha, per_element, edited):
-    """edited[i] += +alpha or -alpha by the packed sign bit i (alpha[i] if per_element, else
-    alpha[0]): one BitDelta level, decoded."""
-    for i in range(edited.size):
-        a = alpha[i] if per_element else alpha[0]
-        bit = (packed[i >> 3] >> (7 - (i & 7))) & 1
-        edited[i] = edited[i] + (a if bit else -a)
-
-
-@_jit
-def _kept_bf16(base_bits, ft_bits, factor):
-    """A kept element's output: round(((f32(ft) - f32(base)) * factor) + f32(base))."""
-    b = _as_f32(np.uint32(base_bits) << np.uint32(16))
-    return _round_bf16((_as_f32(np.uint32(ft_bits) << np.uint32(16)) - b) * factor + b)
-
-
-@_jit
-def dare_bf16_output(base, source, compact, k0, k1, start, threshold, factor, out):
-    """DARE's output for a BF16 chunk (k = 0) in one pass: dropped elements give
-    round(0 + f32(base)), kept ones round(delta * factor + f32(base)), as the numpy path.
-
-    source is the fine-tune's bit patterns (edit), or with ``compact`` the stored kept entries,
-    zigzagged, in order (apply; the chunk is padded). Returns the kept count; if it exceeds
-    source.size nothing past the first shortfall is trusted (the caller raises)."""
-    k0 = np.uint64(k0)
-    k1 = np.uint64(k1)
-    t = np.uint64(threshold)
-    zero = np.float32(0)
-    for i in range(base.size):
-        out[i] = _round_bf16(zero + _as_f32(np.uint32(base[i]) << np.uint32(16)))
-    kept = 0
-    for s in range(0, base.size, 64):
-        word = _keep_word(k0, k1, start + s, min(base.size - s, 64), t)
-        while word:
-            i = s + np.int64(_ctz64(word))
-            word &= word - np.uint64(1)
-            if compact:
-                if kept >= source.size:
-                    return kept + 1
-                z = np.uint32(source[kept])
-                ft_bits = (np.uint32(base[i]) + ((z >> np.uint32(1)) ^ (np.uint32(0) - (z & np.uint32(1))))) & np.uint32(0xFFFF)
-            else:
-                ft_bits = np.uint32(source[i])
-            out[i] = _kept_bf16(base[i], ft_bits, factor)
-            kept += 1
-    return kept
-
-
-@_jit
-def bitdelta_bf16_output(base, packed, alpha, out):
-    """1-bit BitDelta's output of a BF16 chunk in one pass: round((0 + (+-alpha)) + f32(base)) by
-    the packed sign bits, as add_signed onto zeros and bf16_add_round do it."""
-    zero = np.float32(0)
-    n = base.size
-    for j in range((n + 7) // 8):
-        byte = packed[j]
-        for b in range(min(8, n - 8 * j)):
-            i = 8 * j + b
-            edited = zero + (alpha if (byte >> (7 - b)) & 1 else -alpha)
-            out[i] = _round_bf16(edited + _as_f32(np.uint32(base[i]) << np.uint32(16)))
-
-
-@_jit
-def dare_scale_kept(delta, k0, k1, start, threshold, factor):
-    """In place: delta[i] * factor where element start + i is kept, else 0 (DARE's edit of a
-    float32 delta, as ``delta *= factor; delta[~keep] = 0``)."""
-    k0 = np.uint64(k0)
-    k1 = np.uint64(k1)
-    t = np.uint64(threshold)
-    zero = np.float32(0)
-    for i in range(delta.size):
-        scaled = delta[i] * factor
-        delta[i] = scaled if _draw(k0, k1, start + i) >= t else zero
 
 
 @_jit

@@ -11,8 +11,8 @@ SPECS = {"layers.0.mlp.w": ("BF16", (64, 48)), "layers.0.attn.w": ("F16", (32, 4
          "layers.1.mlp.w": ("F32", (24, 16)), "layers.0.norm": ("BF16", (48,))}
 CASES = [("dare", {"p": 0.9}), ("dare", {"p": 0.5, "k": -0.5}), ("dare", {"p": 0.6, "rescale": "l1"}),
          ("dare", {"p": 0.3, "rescale": "none"}), ("bitdelta", {}), ("bitdelta", {"per": "row", "zero": "keep"}),
-         ("bitdelta", {"bits": 2}), ("extrapolate", {"alpha": 0.4}), ("biased", {"p": 0.5, "k": 0.7}),
-         ("trim", {"density": 0.3})]
+         ("multibit", {"bits": 2}), ("extrapolate", {"alpha": 0.4}), ("biased", {"p": 0.5, "k": 0.7}),
+         ("trim", {"density": 0.3}), ("ternary", {"threshold": 0.5})]
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +21,26 @@ def pair(tmp_path_factory):
     return tmp, *make_pair(str(tmp), SPECS, seed=4)
 
 
-def _counting(monkeypatch, name: str) -> list:
-    """Count the calls of deltastream.device.<name> (edit_bits and decode look it up at call time)."""
-    import deltastream.device as device
+def _counting(monkeypatch, role: str) -> list:
+    """Count the chunks that found a registered torch implementation of ``role``."""
+    from deltastream.methods import backends
 
     calls = []
-    original = getattr(device, name)
-    monkeypatch.setattr(device, name, lambda *a: calls.append(1) or original(*a))
+    original = backends.find
+
+    def find(method, r, device, dtype_name):
+        fn = original(method, r, device, dtype_name)
+        if fn is not None and r == role and device != "cpu":
+            calls.append(1)
+        return fn
+    monkeypatch.setattr(backends, "find", find)
     return calls
+
+
+def _has_torch(method, params, role: str) -> bool:
+    from deltastream.methods import backends, get_method
+
+    return backends.find(get_method(method, **params), role, "torch:cpu", "BF16") is not None
 
 
 def _check(pair, device, method, params):
@@ -42,13 +54,10 @@ def _check(pair, device, method, params):
 
 @pytest.mark.parametrize("method,params", CASES)
 def test_torch_kernels_give_the_numpy_bits(pair, method, params, monkeypatch):
-    import deltastream.device as device
-    from deltastream.methods import get_method
-
-    calls = _counting(monkeypatch, "edit_on_device")
+    calls = _counting(monkeypatch, "edit")
     _check(pair, "torch:cpu", method, params)
     # the chunks of the edited tensors ran on the torch path where a kernel exists
-    assert bool(calls) == device.has_kernel(get_method(method, **params), "BF16")
+    assert bool(calls) == _has_torch(method, params, "edit")
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device")
@@ -70,7 +79,7 @@ def test_device_names(pair):
 
 APPLY_CASES = [("dare", {"p": 0.9}), ("dare", {"p": 0.5, "k": -0.5}), ("dare", {"p": 0.6, "rescale": "l1"}),
                ("bitdelta", {}), ("bitdelta", {"per": "row", "zero": "keep"}), ("bitdelta", {"residual": 1}),
-               ("lossless", {})]
+               ("lossless", {}), ("ternary", {})]
 
 
 def _check_apply(pair, device, method, params):
@@ -84,12 +93,9 @@ def _check_apply(pair, device, method, params):
 
 @pytest.mark.parametrize("method,params", APPLY_CASES)
 def test_torch_decoders_give_the_numpy_bits(pair, method, params, monkeypatch):
-    import deltastream.device as device
-    from deltastream.methods import get_method
-
-    calls = _counting(monkeypatch, "decode_on_device")
+    calls = _counting(monkeypatch, "decode")
     _check_apply(pair, "torch:cpu", method, params)
-    assert bool(calls) == device.has_decoder(get_method(method, **params), "BF16")
+    assert bool(calls) == _has_torch(method, params, "decode")
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device")
@@ -112,11 +118,8 @@ def _chunk_files(art: str) -> dict:
 
 @pytest.mark.parametrize("method,params", APPLY_CASES + [("bitdelta", {"per": "row"})])
 def test_torch_encoders_write_the_numpy_bytes(pair, method, params, monkeypatch):
-    import deltastream.device as device
-    from deltastream.methods import get_method
-
     tmp, base, ft = pair
-    calls = _counting(monkeypatch, "encode_on_device")
+    calls = _counting(monkeypatch, "encode")
     tag = f"{method}-{'-'.join(f'{k}{v}' for k, v in params.items())}"
     cpu = ds.compress(base, ft, str(tmp / f"ecpu-{tag}.dsz"), method, chunk_size=700, seed=3, overwrite=True,
                       **params)
@@ -126,4 +129,4 @@ def test_torch_encoders_write_the_numpy_bytes(pair, method, params, monkeypatch)
     assert [t["stored_bytes"] for t in ds.info(dev)["tensors"]] == [t["stored_bytes"] for t in ds.info(cpu)["tensors"]]
     assert read_raw(ds.apply(base, dev, str(tmp / f"e-{tag}"), overwrite=True)) == \
         read_raw(ds.apply(base, cpu, str(tmp / f"c-{tag}"), overwrite=True))
-    assert bool(calls) == device.has_encoder(get_method(method, **params), "BF16")
+    assert bool(calls) == _has_torch(method, params, "encode")

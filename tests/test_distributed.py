@@ -38,7 +38,8 @@ def test_edit_and_merge_on_a_local_cluster_give_the_threaded_bits(tmp_path, clus
 
     base, ft = make_pair(str(tmp_path), {"layers.0.mlp.w": ("BF16", (48, 32)), "layers.0.norm": ("F32", (32,))})
     address = cluster.scheduler_address
-    for method, params in [("dare", {"p": 0.7}), ("bitdelta", {"per": "row"}), ("trim", {"density": 0.3})]:
+    for method, params in [("dare", {"p": 0.7}), ("bitdelta", {"per": "row"}), ("trim", {"density": 0.3}),
+                           ("lowrank", {"rank_fraction": 0.25})]:  # array states, fetched by the workers
         threaded = ds.edit(base, ft, str(tmp_path / f"t-{method}"), method, chunk_size=512, **params)
         clustered = ds.edit(base, ft, str(tmp_path / f"c-{method}"), method, chunk_size=512, scheduler=address,
                             **params)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from deltastream import kernels
+from deltastream.methods import bitdelta_kernels, dare_kernels
 from deltastream.exact import magnitude_sum, row_magnitude_sums
 from deltastream.methods.lossless import zigzag
 from deltastream.rng import tensor_key, threshold_u32, uniform_u32
@@ -92,7 +93,7 @@ def test_bf16_delta_and_signs_equal_the_numpy_delta_and_packbits(n, data):
         expected = widen(ft) - widen(base)
     delta = np.empty(n, np.float32)
     packed = np.empty((n + 7) // 8, np.uint8)
-    kernels.bf16_delta_signs(base, ft, delta, packed)
+    bitdelta_kernels.bf16_delta_signs(base, ft, delta, packed)
     assert np.array_equal(delta.view(np.uint32), expected.view(np.uint32))
     plain = np.empty(n, np.float32)
     kernels.bf16_delta(base, ft, plain)
@@ -108,7 +109,7 @@ def test_bitdelta_encode_of_typical_deltas():
     ft = ((w + rng.standard_normal(w.size).astype(np.float32) * 1e-3).view(np.uint32) >> 16).astype(np.uint16)
     delta = np.empty(w.size, np.float32)
     packed = np.empty(1251, np.uint8)
-    kernels.bf16_delta_signs(base, ft, delta, packed)
+    bitdelta_kernels.bf16_delta_signs(base, ft, delta, packed)
     assert np.array_equal(packed, np.packbits(widen(ft) - widen(base) >= 0))
     assert magnitude_sum(delta) == reference_sum(widen(ft) - widen(base))
 
@@ -126,20 +127,20 @@ def test_dare_compact_and_expand_equal_the_masked_reference(dtype, p):
     keep = reference_draws(key, start, n) >= threshold
 
     out = np.empty(n, dtype)
-    kept = kernels.dare_compact(base, ft, *key, start, threshold, info.bits, out)
+    kept = dare_kernels.dare_compact(base, ft, *key, start, threshold, info.bits, out)
     assert np.array_equal(out[:kept], zigzag(ft - base)[keep])
 
     mask = np.empty(n, bool)
-    assert kernels.keep_draws(*key, start, n, threshold, mask) == keep.sum()
+    assert dare_kernels.keep_draws(*key, start, n, threshold, mask) == keep.sum()
     assert np.array_equal(mask, keep)
 
     padded = np.concatenate([out[:kept], np.full(7, 99, dtype)])  # a stored chunk is padded
     back = np.full(n, 5, dtype)
-    assert kernels.dare_expand(padded, keep, back) == kept
+    assert dare_kernels.dare_expand(padded, keep, back) == kept
     assert np.array_equal(back, np.where(keep, zigzag(ft - base), 0))
     if kept:  # too few stored entries: reported, nothing written
         untouched = np.full(n, 5, dtype)
-        assert kernels.dare_expand(out[: kept - 1], keep, untouched) == kept
+        assert dare_kernels.dare_expand(out[: kept - 1], keep, untouched) == kept
         assert (untouched == 5).all()
 
 
@@ -189,7 +190,7 @@ def test_add_signed_equals_alpha_times_sign(per_element):
     alpha = rng.random(n).astype(np.float32) if per_element else np.array([0.0], np.float32)
     start = rng.standard_normal(n).astype(np.float32)
     edited = start.copy()
-    kernels.add_signed(packed, alpha, per_element, edited)
+    bitdelta_kernels.add_signed(packed, alpha, per_element, edited)
     sign = np.where(np.unpackbits(packed, count=n).astype(bool), np.float32(1), np.float32(-1))
     expected = start + (alpha if per_element else alpha[0]) * sign
     assert np.array_equal(edited.view(np.uint32), expected.view(np.uint32))
@@ -209,14 +210,14 @@ def test_dare_bf16_output_equals_the_numpy_formula(data, n, p, factor):
         edited = np.where(keep, (widen(ft) - widen(base)) * factor, np.float32(0))
         expected = reference_bf16(edited + widen(base))
     out = np.empty(n, np.uint16)
-    assert kernels.dare_bf16_output(base, ft, False, *key, start, threshold, factor, out) == keep.sum()
+    assert dare_kernels.dare_bf16_output(base, ft, False, *key, start, threshold, factor, out) == keep.sum()
     assert same_bf16(out, expected)
     stored = np.concatenate([zigzag(ft - base)[keep], np.zeros(3, np.uint16)])  # padded, as stored
     out[:] = 0
-    assert kernels.dare_bf16_output(base, stored, True, *key, start, threshold, factor, out) == keep.sum()
+    assert dare_kernels.dare_bf16_output(base, stored, True, *key, start, threshold, factor, out) == keep.sum()
     assert same_bf16(out, expected)
     if keep.sum():  # fewer entries stored than the seed keeps: reported
-        assert kernels.dare_bf16_output(base, stored[: keep.sum() - 1], True, *key, start, threshold,
+        assert dare_kernels.dare_bf16_output(base, stored[: keep.sum() - 1], True, *key, start, threshold,
                                         factor, out) > keep.sum() - 1
 
 
@@ -226,11 +227,11 @@ def test_bitdelta_bf16_output_equals_add_signed_then_rounding(data, n, alpha):
     base = data.draw(arrays(np.uint16, n))
     packed = data.draw(arrays(np.uint8, (n + 7) // 8))
     edited = np.zeros(n, np.float32)
-    kernels.add_signed(packed, np.array([alpha], np.float32), False, edited)
+    bitdelta_kernels.add_signed(packed, np.array([alpha], np.float32), False, edited)
     expected = np.empty(n, np.uint16)
     kernels.bf16_add_round(base, edited, expected)
     out = np.empty(n, np.uint16)
-    kernels.bitdelta_bf16_output(base, packed, np.float32(alpha), out)
+    bitdelta_kernels.bitdelta_bf16_output(base, packed, np.float32(alpha), out)
     assert np.array_equal(out, expected)
 
 
@@ -246,7 +247,7 @@ def test_dare_scale_kept_equals_scale_then_zero(data, n, p, factor):
     expected[~keep] = 0
     out = delta.copy()
     with np.errstate(invalid="ignore", over="ignore"):
-        kernels.dare_scale_kept(out, *key, start, threshold, np.float32(factor))
+        dare_kernels.dare_scale_kept(out, *key, start, threshold, np.float32(factor))
     assert same_bf16(out.view(np.uint32) >> 16, expected.view(np.uint32) >> 16)
     assert np.array_equal(out.view(np.uint32)[~np.isnan(out)], expected.view(np.uint32)[~np.isnan(expected)])
 
@@ -316,3 +317,20 @@ def test_consensus_add_equals_the_numpy_steps(data, n, weight):
         nan = np.isnan(got) & np.isnan(expected)  # which NaN payload survives is the hardware's
         assert np.array_equal(got.view(np.uint32)[~nan], expected.view(np.uint32)[~nan])
         assert np.array_equal(np.isnan(got), np.isnan(expected))
+
+
+def test_every_registered_fast_path_is_checked_against_numpy():
+    """The kernels list is the registry's (methods/backends.py): every registered numba and torch
+    implementation is reached by a parameter set of test_check_method, which compares its bytes
+    with the numpy reference's."""
+    from test_check_method import CASES
+
+    from deltastream.methods import backends, get_method
+
+    registered = {(i.method, i.role, i.backend) for i in backends.implementations()}
+    reached = set()
+    for name, params in CASES:
+        method = get_method(name, **params)
+        reached |= {(cls, role, backend) for cls, role, backend in registered
+                    if cls is type(method) and method.implements(role, backend)}
+    assert reached == registered and {b for _, _, b in registered} == {"numba", "torch"}

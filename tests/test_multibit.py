@@ -1,4 +1,4 @@
-"""Multi-bit BitDelta by magnitude blocks (MagnitudeBlocks): 2^b equal-count blocks of |delta| per
+"""Multi-bit BitDelta by magnitude blocks (the method multibit): 2^b equal-count blocks of |delta| per
 tensor, each at its exact mean magnitude, signs kept. It equals a dense reference bit for bit, its
 error falls with b, apply of its artifact equals edit, and chunking does not matter."""
 
@@ -9,9 +9,9 @@ import pytest
 from common import check_edit_matches, make_pair, read_raw, tensor_f32, write_checkpoint
 
 import deltastream as ds
-import deltastream.methods
 from deltastream.exact import magnitude_sum, total
-from deltastream.methods.blocks import MagnitudeBlocks
+from deltastream.methods import BitDelta, get_method, method_from_config
+from deltastream.methods.multibit import MultiBit
 
 SPECS = {"layers.0.mlp.w": ("BF16", (48, 40)), "layers.0.attn.w": ("F32", (33, 17)),
          "layers.1.mlp.w": ("F16", (16, 64)), "layers.0.norm": ("BF16", (40,))}
@@ -46,13 +46,13 @@ def run(pair, method, tag, **kw):
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_equals_the_dense_reference(pair, bits):
     tmp, base, ft = pair
-    out = run(pair, MagnitudeBlocks(bits=bits, scale=1.25 if bits == 2 else 1.0), f"ref{bits}", chunk_size=200)
+    out = run(pair, MultiBit(bits=bits, scale=1.25 if bits == 2 else 1.0), f"ref{bits}", chunk_size=200)
     for name in EDITED:
         d = tensor_f32(ft, name) - tensor_f32(base, name)
         check_edit_matches(tmp, base, ft, out, name, reference(d, bits, 1.25 if bits == 2 else 1.0)[0], SPECS[name][0])
     assert read_raw(out)["layers.0.norm"] == read_raw(ft)["layers.0.norm"]
-    # the registry's bitdelta with bits >= 1 delegates to it
-    assert read_raw(run(pair, "bitdelta", f"reg{bits}", bits=bits, scale=1.25 if bits == 2 else 1.0)) == read_raw(out)
+    # by name, from the registry
+    assert read_raw(run(pair, "multibit", f"reg{bits}", bits=bits, scale=1.25 if bits == 2 else 1.0)) == read_raw(out)
 
 
 def zero_base_pair(tmp, values):
@@ -70,7 +70,7 @@ def test_distinct_magnitudes_exact_block_counts_and_falling_error(tmp_path):
     b, f = zero_base_pair(str(tmp_path), {"g.w": gauss, "t.w": tied})
     errors = []
     for bits in range(0, 5):
-        method = MagnitudeBlocks(bits=bits) if bits else "bitdelta"
+        method = MultiBit(bits=bits) if bits else "bitdelta"
         out = ds.edit(b, f, str(tmp_path / f"o{bits}"), method, chunk_size=512)
         g = tensor_f32(out, "g.w")
         if bits:
@@ -87,11 +87,9 @@ def test_distinct_magnitudes_exact_block_counts_and_falling_error(tmp_path):
 
 
 @pytest.mark.parametrize("bits", [1, 3, 4])
-def test_apply_of_the_artifact_equals_edit(pair, bits, monkeypatch):
-    if "bitdelta" not in deltastream.methods.METHODS:
-        monkeypatch.setitem(deltastream.methods.METHODS, "bitdelta", MagnitudeBlocks)
+def test_apply_of_the_artifact_equals_edit(pair, bits):
     tmp, base, ft = pair
-    method = MagnitudeBlocks(bits=bits)
+    method = MultiBit(bits=bits)
     art = ds.compress(base, ft, os.path.join(tmp, f"mb{bits}.dsz"), method, chunk_size=300, overwrite=True)
     applied = ds.apply(base, art, os.path.join(tmp, f"mb{bits}-applied"), overwrite=True)
     assert read_raw(applied) == read_raw(run(pair, method, f"mb{bits}-edited", chunk_size=1000))
@@ -103,7 +101,7 @@ def test_apply_of_the_artifact_equals_edit(pair, bits, monkeypatch):
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_identical_bits_for_any_chunk_size_and_worker_count(pair, bits):
-    outs = [read_raw(run(pair, MagnitudeBlocks(bits=bits), f"inv{bits}-{c}-{w}", chunk_size=c, workers=w))
+    outs = [read_raw(run(pair, MultiBit(bits=bits), f"inv{bits}-{c}-{w}", chunk_size=c, workers=w))
             for c, w in [(None, 1), (64, 1), (64, 2), (1024, 2), (333, 2)]]
     assert all(o == outs[0] for o in outs[1:])
 
@@ -114,7 +112,18 @@ def test_parameters_are_checked():
     for kw, message in [({"bits": 0}, "bits=0 is out of range"), ({"bits": 9}, "bits=9 is out of range"),
                         ({"bits": 2, "scale": 0.0}, "scale=0.0 is out of range")]:
         with pytest.raises(ParameterError, match=message):
-            MagnitudeBlocks(**kw)
-    m = MagnitudeBlocks(bits=3, scale=0.5)
-    assert m.get_config() == {"id": "bitdelta", "bits": 3, "scale": 0.5}
-    assert MagnitudeBlocks.from_config(m.get_config()) == m
+            MultiBit(**kw)
+    m = MultiBit(bits=3, scale=0.5)
+    assert m.get_config() == {"id": "multibit", "bits": 3, "scale": 0.5}
+    assert MultiBit.from_config(m.get_config()) == m
+
+
+def test_bitdelta_bits_is_refused_and_legacy_configs_read_as_multibit():
+    from deltastream.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="multibit -p bits=2"):
+        get_method("bitdelta", bits=2)
+    # manifests written before multibit had its own id: bits >= 1 is multibit, bits 0 plain bitdelta
+    legacy = {"id": "bitdelta", "scale": 0.5, "per": "tensor", "bits": 3, "residual": 0, "zero": "plus"}
+    assert method_from_config(legacy) == MultiBit(bits=3, scale=0.5)
+    assert method_from_config({**legacy, "bits": 0}) == BitDelta(scale=0.5)

@@ -72,7 +72,7 @@ def test_resume_skips_finished_tasks(tmp_path, pair, monkeypatch):
     done = _journal_records(out + ".partial")
     calls = []
     original = job.compress_chunk
-    monkeypatch.setattr(job, "compress_chunk", lambda t: calls.append(1) or original(t))
+    monkeypatch.setattr(job, "compress_chunk", lambda *a: calls.append(1) or original(*a))
     ds.compress(base, ft, out, chunk_size="2KiB", resume=True)
     assert len(calls) <= 2 * 512 * 512 * 2 // 2048 - done + 2  # only the unfinished chunks ran again
     assert read_raw(ds.apply(base, out, str(tmp_path / "r"))) == read_raw(ft)

@@ -240,11 +240,17 @@ def test_array_metadata_must_be_the_planned_one(made, art, tmp_path, capsys):
     meta_path = os.path.join(art, "tensors", "000000", "delta", "zarr.json")
     with open(meta_path) as f:
         meta = json.load(f)
-    for field, value in [("data_type", "uint32"), ("shape", [10**12]), ("codecs", [{"name": "bytes"}]),
-                         ("chunk_grid", {"name": "regular", "configuration": {"chunk_shape": [7]}})]:
+    differs = "array layout differs from the method's plan (it records "
+    for field, value, fragment in [
+            ("data_type", "uint32", differs + "dtype <u4 where this version's method plans <u2"),
+            ("shape", [10**12], differs + f"length {10**12} where"),
+            ("chunk_grid", {"name": "regular", "configuration": {"chunk_shape": [7]}}, differs + "chunk length 7 where"),
+            ("codecs", [{"name": "bytes"}], "array metadata is not an array deltastream writes (its codec chain"),
+            ("data_type", "bfloat16", "array metadata is not an array deltastream writes (its data_type \"bfloat16\""),
+            ("fill_value", 1, "array metadata does not match the manifest (fill_value is 1, expected 0)")]:
         with open(meta_path, "w") as f:
             json.dump({**meta, field: value}, f)
-        msgs = refused(capsys, tmp_path, made["base"], art, f"array metadata does not match the manifest ({field} is")
+        msgs = refused(capsys, tmp_path, made["base"], art, fragment)
         assert all(meta_path in m and "tensor 'layers.0.w'" in m for m in msgs)
     with open(meta_path, "w") as f:
         f.write("[" * 100000)

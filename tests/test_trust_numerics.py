@@ -56,7 +56,7 @@ FIGURES = [
     ("bitdelta", ("per=row",), True),
     ("bitdelta", ("residual=1",), True),
     ("bitdelta", ("zero=keep",), True),
-    ("bitdelta", ("bits=2",), True),
+    ("multibit", ("bits=2",), True),
     ("dare", ("rescale=l1", "p=0.5"), True),
     ("dare_bitdelta", ("p=0.1",), True),
     ("lowrank", ("rank_fraction=0.5",), True),
@@ -255,7 +255,7 @@ DTYPE_SPECS = {"layers.0.w": ("BF16", (16, 8)), "layers.0.e4m3": ("F8_E4M3", (16
 EXACT = ("layers.0.e4m3", "layers.0.e5m2", "layers.0.c", "layers.0.i")
 #: every method, with parameters that give it work on tiny tensors
 EVERY_METHOD = [("lossless", {}), ("dare", {"p": 0.5}), ("biased", {}), ("bitdelta", {}),
-                ("bitdelta", {"bits": 2}), ("dare_bitdelta", {"p": 0.5}), ("extrapolate", {}), ("trim", {}),
+                ("multibit", {"bits": 2}), ("dare_bitdelta", {"p": 0.5}), ("extrapolate", {}), ("trim", {}), ("ternary", {}),
                 ("lowrank", {"rank_fraction": 0.5})]
 
 

@@ -60,7 +60,7 @@ OPTION_CASES = [
     (["edit", "--method", "extrapolate", "-p", "alpha=1e39"], "method 'extrapolate': parameter alpha must be a finite"),
     (["compress", "--method", "bitdelta", "-p", "scale=inf"], "method 'bitdelta': parameter scale must be a finite"),
     (["compress", "--method", "lowrank", "-p", "rank_fraction=nan"], "method 'lowrank': parameter rank_fraction"),
-    (["compress", "--method", "bitdelta", "-p", "bits=" + "9" * 5000], "method 'bitdelta': parameter bits must be int"),
+    (["compress", "--method", "multibit", "-p", "bits=" + "9" * 5000], "method 'multibit': parameter bits must be int"),
 ]
 
 

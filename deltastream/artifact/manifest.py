@@ -29,7 +29,11 @@ from ..errors import ArtifactError, DeltastreamError, escape, tensor_context
 from ..methods import Method, StoredArray, method_from_config
 from ..methods.lossless import Lossless
 from ..policy import GROWN, LOSSLESS, NEW
-from .store import check_array_meta, read_root_attrs, read_side_file, read_state_arrays, side_file_size, tensor_key
+from .fields import (Bad as _Bad, as_dict as _dict, as_list as _list, crcs as _crcs, get as _get, integer as _integer,
+                     need as _need, number as _number, shape as _shape, show as _show, string as _string,
+                     strings as _strings, U32)
+from .layout import layout_difference
+from .store import read_root_attrs, recorded_array, read_side_file, read_state_arrays, side_file_size, tensor_key
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ATTRS_KEY", "TensorEntry", "Manifest", "load_manifest",
            "new_manifest", "manifest_digest", "MAX_TENSOR_BYTES", "MAX_CHUNK_BYTES"]
@@ -44,8 +48,6 @@ HEAD_BYTES = 1 << 16
 MAX_TENSOR_BYTES = 1 << 40
 #: the largest chunk: every buffer a task allocates is a few chunks
 MAX_CHUNK_BYTES = 1 << 30
-_MAX_DIMS = 64
-_U32 = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class Manifest:
     method: Method
     tensors: list[TensorEntry]
     digest: str  # sha256 of the manifest (manifest_digest): what a user pins
+    layouts: dict[str, tuple[StoredArray, ...]] = field(default_factory=dict)  # key -> arrays as recorded
     minor: int = int(FORMAT_VERSION.split(".")[1])  # format 1.0 (0): no 1.1 checksum is read, present or not
 
     def method_for(self, entry: TensorEntry) -> Method:
@@ -107,9 +110,19 @@ class Manifest:
         shapes = {k: s for k, (kind, s) in self.method_for(entry).state_layout(entry.shape).items() if kind == "array"}
         return {**entry.state, **read_state_arrays(self.path, entry.key, shapes, entry.stored_crc32c, entry.name)}
 
-    def arrays(self, entry: TensorEntry, state: dict[str, Any] | None = None) -> list[StoredArray]:
+    def planned_arrays(self, entry: TensorEntry, state: dict[str, Any] | None = None) -> list[StoredArray]:
+        """The arrays this version's method plans for the tensor (``state``: its full state)."""
         state = entry.state if state is None else state
         return self.method_for(entry).stored_arrays(entry.dtype, entry.shape, entry.chunk_elems, state)
+
+    def arrays(self, entry: TensorEntry, state: dict[str, Any] | None = None) -> list[StoredArray]:
+        """The tensor's arrays with the layout the artifact records (load_manifest read it),
+        which must still be the method's plan for the full ``state``."""
+        recorded, planned = list(self.layouts[entry.key]), self.planned_arrays(entry, state)
+        if [s.role for s in recorded] != [p.role for p in planned] or any(map(layout_difference, recorded, planned)):
+            raise ArtifactError(f"{tensor_context(self.path, entry.name)}: the arrays the artifact records are not "
+                                "those its method plans for the tensor's state")
+        return recorded
 
     @property
     def side_files(self) -> dict[str, str]:
@@ -160,14 +173,6 @@ def new_manifest(*, method: Method, seed: int, chunk_bytes: int, tensors: list[T
     return {**doc, DIGEST_KEY: manifest_digest(doc)}
 
 
-class _Bad(ValueError):
-    """A manifest field that is not what the format says; ``tensor`` names its tensor entry."""
-
-    def __init__(self, message: str, tensor: str | None = None):
-        super().__init__(message)
-        self.tensor = tensor
-
-
 def load_manifest(path: str) -> Manifest:
     """Read and check an artifact's manifest, and every array's metadata against it (no chunk
     data is read). Any problem is one ArtifactError naming the file and tensor."""
@@ -200,79 +205,10 @@ def load_manifest(path: str) -> Manifest:
     except _Bad as exc:
         raise ArtifactError(f"{tensor_context(where, exc.tensor)}: malformed manifest: {exc}") from None
     for entry in tensors:
-        for spec in manifest.arrays(entry):
-            check_array_meta(path, entry.key, spec, f"tensor '{escape(entry.name)}'")
+        owner = f"tensor '{escape(entry.name)}'"
+        manifest.layouts[entry.key] = tuple(recorded_array(path, entry.key, spec, owner)
+                                            for spec in manifest.planned_arrays(entry))
     return manifest
-
-
-# --- field checks: each raises _Bad saying which field and why ------------------------------
-
-def _show(value: Any) -> str:
-    return escape(json.dumps(value))[:60]
-
-
-def _need(ok: bool, message: str) -> None:
-    if not ok:
-        raise _Bad(message)
-
-
-def _get(obj: dict, key: str, what: str = "") -> Any:
-    _need(key in obj, f"'{what}{key}' is missing")
-    return obj[key]
-
-
-def _dict(value: Any, what: str) -> dict:
-    if not isinstance(value, dict):
-        raise _Bad(f"'{what}' is {_show(value)}, not an object")
-    return value
-
-
-def _string(value: Any, what: str) -> str:
-    if not isinstance(value, str):
-        raise _Bad(f"'{what}' is {_show(value)}, not a string")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _Bad(f"'{what}' is not valid UTF-8 (it holds a lone surrogate)") from None
-    return value
-
-
-def _integer(value: Any, what: str, low: int, high: int) -> int:
-    if not (type(value) is int and low <= value <= high):
-        raise _Bad(f"'{what}' is {_show(value)}, not an integer in [{low}, {high}]")
-    return value
-
-
-def _number(value: Any, what: str) -> float:
-    if not (type(value) in (int, float) and math.isfinite(value)):
-        raise _Bad(f"'{what}' is {_show(value)}, not a finite number")
-    return value
-
-
-def _list(value: Any, what: str, length: int | None = None) -> list:
-    if not isinstance(value, list):
-        raise _Bad(f"'{what}' is {_show(value)}, not a list")
-    if length is not None and len(value) != length:
-        raise _Bad(f"'{what}' has {len(value)} entries, expected {length}")
-    return value
-
-
-def _crcs(value: Any, what: str, length: int) -> list[int]:
-    """A list of one CRC-32C per chunk (checked in one pass; a chunk list can be long)."""
-    if not all(type(c) is int and 0 <= c <= _U32 for c in _list(value, what, length)):
-        for i, crc in enumerate(value):
-            _integer(crc, f"{what}[{i}]", 0, _U32)
-    return value
-
-
-def _shape(value: Any, what: str) -> tuple[int, ...]:
-    if not (isinstance(value, list) and len(value) <= _MAX_DIMS):
-        raise _Bad(f"'{what}' is {_show(value)}, not a list of dimensions")
-    return tuple(_integer(d, f"{what}[{i}]", 0, 2**63 - 1) for i, d in enumerate(value))
-
-
-def _strings(value: Any, what: str) -> list[str]:
-    return [_string(s, f"{what}[{i}]") for i, s in enumerate(_list(value, what))]
 
 
 def _method(doc: dict) -> Method:
@@ -322,20 +258,23 @@ def _document(doc: dict, minor: int) -> None:
 
 
 def _tensors(doc: dict, method: Method, minor: int) -> list[TensorEntry]:
+    # the id the artifact was written under: a legacy config read as another method (bitdelta
+    # with bits >= 1 is now multibit) names its tensors' policy by the old id
+    recorded = doc["method"]["id"]
     entries, names = [], set()
     for i, t in enumerate(_list(_get(doc, "tensors"), "tensors")):
         name = _string(_get(_dict(t, f"tensors[{i}]"), "name", f"tensors[{i}]."), f"tensors[{i}].name")
         try:
             _need(name not in names, "the name is repeated")
             _need(name != "__metadata__", "the name '__metadata__' is safetensors' own key")
-            entries.append(_entry(i, t, method, minor))
+            entries.append(_entry(i, t, method, minor, recorded))
         except _Bad as exc:
             raise _Bad(str(exc), tensor=name) from None
         names.add(name)
     return entries
 
 
-def _entry(i: int, t: dict, method: Method, minor: int) -> TensorEntry:
+def _entry(i: int, t: dict, method: Method, minor: int, recorded: str) -> TensorEntry:
     if t.get("key") != tensor_key(i):
         raise _Bad(f"'key' is {_show(t.get('key'))}, expected '{tensor_key(i)}'")
     dtype = dtype_by_name(_string(_get(t, "dtype"), "dtype"))
@@ -345,6 +284,7 @@ def _entry(i: int, t: dict, method: Method, minor: int) -> TensorEntry:
     numel = math.prod(shape)
     _need(numel * dtype.itemsize <= MAX_TENSOR_BYTES, f"'shape' {list(shape)} is over {MAX_TENSOR_BYTES} bytes")
     policy = _string(_get(t, "policy"), "policy")
+    policy = method.method_id if policy == recorded else policy
     policies = list(dict.fromkeys((method.method_id, LOSSLESS, NEW, GROWN)))
     _need(policy in policies, f"'policy' '{escape(policy)}' is not one of " + ", ".join(f"'{p}'" for p in policies))
     tensor_method = method if policy == method.method_id else Lossless()
@@ -404,7 +344,7 @@ def _base(base: Any, policy: str, dtype: DType, shape: tuple[int, ...], n: int) 
              and base_shape[0] < shape[0])
     _need(grown if policy == GROWN else base_shape == shape,
           f"'base.shape' {list(base_shape)} does not fit shape {list(shape)} and policy '{policy}'")
-    _integer(_get(base, "head_crc32c", "base."), "base.head_crc32c", 0, _U32)
+    _integer(_get(base, "head_crc32c", "base."), "base.head_crc32c", 0, U32)
     _crcs(_get(base, "chunk_crc32c", "base."), "base.chunk_crc32c", n)
     return base
 

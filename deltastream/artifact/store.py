@@ -12,15 +12,14 @@ exactly one zarr chunk of each array, so every task owns whole chunks and never 
 
 An artifact may come from anyone, so every file of it is read by :func:`read_file`: regular
 files only (a symlink, FIFO or device is refused without blocking), of a size known and bounded
-before reading. Every array's ``zarr.json`` must be the one the manifest's plan would write
-(:func:`check_array_meta`), and every chunk decodes into a buffer of its planned length.
+before reading. A tensor's arrays are read with the layout their ``zarr.json`` records, which
+must be the method's plan (:func:`recorded_array`); state arrays and side files must be the
+planned ones (:func:`check_array_meta`); every chunk decodes into a buffer of its length.
 """
 
 from __future__ import annotations
 
-import copy
 import errno
-import functools
 import hashlib
 import json
 import os
@@ -28,7 +27,6 @@ import stat
 from typing import Any
 
 import numpy as np
-import zarr
 
 from ..checkpoint.header import load_json
 from ..checkpoint.sidefiles import load_side_file
@@ -37,10 +35,11 @@ from ..errors import ArtifactError, CheckpointError, CorruptChunkError, escape, 
 from ..methods import StoredArray
 from ..scratch import scratch
 from .codecs import PRESETS, ChecksumError, decode_chunk, encode_chunk, write_file_atomic
+from .layout import LAYOUT_FIELDS, array_meta, layout_difference, recorded_layout
 
 __all__ = [
     "tensor_key", "create_arrays", "write_chunk", "read_chunk", "valid_len", "chunk_file", "read_file", "read_json",
-    "check_array_meta", "write_state_arrays", "read_state_arrays", "write_side_files", "read_side_file",
+    "check_array_meta", "recorded_array", "write_state_arrays", "read_state_arrays", "write_side_files", "read_side_file",
     "side_file_size", "write_root_attrs", "read_root_attrs", "stored_bytes", "MAX_MANIFEST_BYTES", "FileRefused",
 ]
 
@@ -48,9 +47,6 @@ __all__ = [
 MAX_MANIFEST_BYTES = 64 << 20
 #: the largest zarr.json of an array or group
 MAX_META_BYTES = 1 << 20
-#: the zarr metadata fields that say how an array's bytes are laid out and encoded
-_LAYOUT_FIELDS = ("zarr_format", "node_type", "shape", "data_type", "chunk_grid", "chunk_key_encoding",
-                  "fill_value", "codecs", "storage_transformers")
 
 
 class FileRefused(ValueError):
@@ -125,29 +121,9 @@ def _refusal(exc: BaseException, spec: StoredArray | None = None) -> str:
     return f"{exc.__class__.__name__}: {exc}"
 
 
-@functools.lru_cache(maxsize=None)
-def _array_template(dtype: str, preset: str) -> dict:
-    """zarr's own metadata for a 1-D array of this dtype and codec chain (shape to be filled)."""
-    store = zarr.storage.MemoryStore()
-    zarr.create_array(store=store, shape=(1,), chunks=(1,), dtype=np.dtype(dtype), fill_value=0,
-                      compressors=PRESETS[preset].zarr_compressors(np.dtype(dtype)), zarr_format=3)
-    return json.loads(store._store_dict["zarr.json"].to_bytes())
-
-
-def _array_meta(spec: StoredArray, attributes: dict | None = None) -> dict:
-    """The zarr.json of one planned array: zarr's metadata, made once per dtype and codec chain
-    by zarr itself, given this array's shape (creating arrays through zarr's API took a second
-    of a small job's time)."""
-    meta = copy.deepcopy(_array_template(np.dtype(spec.dtype).str, spec.compression))
-    meta["shape"] = [spec.total_len]
-    meta["chunk_grid"]["configuration"]["chunk_shape"] = [max(1, spec.chunk_len)]
-    meta["attributes"] = attributes or {}
-    return meta
-
-
 def _write_array(folder: str, spec: StoredArray, attributes: dict | None = None) -> None:
     os.makedirs(os.path.join(folder, "c"), exist_ok=True)
-    write_file_atomic(os.path.join(folder, "zarr.json"), json.dumps(_array_meta(spec, attributes), indent=2).encode())
+    write_file_atomic(os.path.join(folder, "zarr.json"), json.dumps(array_meta(spec, attributes), indent=2).encode())
 
 
 def create_arrays(root: str, key: str, arrays: list[StoredArray]) -> None:
@@ -161,11 +137,9 @@ def create_arrays(root: str, key: str, arrays: list[StoredArray]) -> None:
         _write_array(os.path.join(folder, spec.role), spec)
 
 
-def check_array_meta(root: str, key: str, spec: StoredArray, owner: str, attributes: dict | None = None) -> None:
-    """Refuse an array whose folders are not plain folders of the store, or whose zarr.json
-    says another dtype, shape, chunking or codec chain than the plan (what create_arrays would
-    write): any zarr reader must see what deltastream decodes. ``owner`` names the tensor."""
-    folder = os.path.join(root, key, spec.role)
+def _read_array_meta(root: str, key: str, role: str, owner: str) -> tuple[str, Any]:
+    """An array's zarr.json (path, parsed), its folders checked to be plain folders of the store."""
+    folder = os.path.join(root, key, role)
     path = os.path.join(folder, "zarr.json")
     try:
         rel = os.path.relpath(os.path.join(folder, "c"), root)
@@ -173,17 +147,46 @@ def check_array_meta(root: str, key: str, spec: StoredArray, owner: str, attribu
             part = os.path.join(root, *rel.split(os.sep)[:depth])
             if os.path.lexists(part) and not stat.S_ISDIR(os.lstat(part).st_mode):
                 raise FileRefused(f"'{escape(part)}' is not a folder of the artifact")
-        meta = read_json(path)
+        return path, read_json(path)
     except (OSError, FileRefused) as exc:
         raise ArtifactError(f"{owner} in file '{escape(path)}': unreadable array metadata ({_refusal(exc)})") from None
-    expected = _array_meta(spec, attributes)
-    fields = _LAYOUT_FIELDS + (("attributes",) if attributes else ())
+
+
+def _check_fields(path: str, meta: Any, expected: dict, fields: tuple[str, ...], owner: str) -> None:
     for name in fields:
         got = meta.get(name) if isinstance(meta, dict) else None
         if got != expected.get(name):
             raise ArtifactError(f"{owner} in file '{escape(path)}': array metadata does not match the manifest "
                                 f"({name} is {escape(json.dumps(got))[:200]}, "
                                 f"expected {json.dumps(expected.get(name))})")
+
+
+def check_array_meta(root: str, key: str, spec: StoredArray, owner: str, attributes: dict | None = None) -> None:
+    """Refuse an array whose folders are not plain folders of the store, or whose zarr.json
+    says another dtype, shape, chunking or codec chain than the plan (what create_arrays would
+    write): any zarr reader must see what deltastream decodes. ``owner`` names the tensor."""
+    path, meta = _read_array_meta(root, key, spec.role, owner)
+    _check_fields(path, meta, array_meta(spec, attributes), LAYOUT_FIELDS + (("attributes",) if attributes else ()),
+                  owner)
+
+
+def recorded_array(root: str, key: str, planned: StoredArray, owner: str) -> StoredArray:
+    """The layout of a tensor's array as its zarr.json records it, which the reader then uses:
+    refused, saying what differs, where it is not the method's plan (an artifact written with
+    another layout of the method, or modified), and where any other layout field is not what
+    deltastream writes (so that any zarr reader sees what deltastream decodes)."""
+    path, meta = _read_array_meta(root, key, planned.role, owner)
+    try:
+        recorded = recorded_layout(meta, planned.role)
+    except ValueError as exc:
+        raise ArtifactError(f"{owner} in file '{escape(path)}': array metadata is not an array deltastream "
+                            f"writes ({escape(str(exc))})") from None
+    difference = layout_difference(recorded, planned)
+    if difference is not None:
+        raise ArtifactError(f"{owner} in file '{escape(path)}': array layout differs from the method's plan "
+                            f"({difference}): written by another layout of the method, or modified")
+    _check_fields(path, meta, array_meta(recorded), LAYOUT_FIELDS, owner)
+    return recorded
 
 
 def chunk_file(root: str, key: str, role: str, chunk_index: int) -> str:

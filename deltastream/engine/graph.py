@@ -4,6 +4,10 @@ A task is plain data handed to a module-level function, so the same graph runs o
 threaded scheduler (the default; numpy, zstd and file I/O release the GIL) or, with
 ``scheduler=ADDRESS``, on a ``dask.distributed`` cluster whose workers see the same paths.
 Memory is bounded by running at most ``workers`` tasks at a time, each holding one chunk.
+
+Keys come from content, never from position alone: (pass name and graph token, task index), the
+token made of the job's plan fingerprint and a fresh nonce, so jobs sharing one scheduler never
+share a key. Values many tasks use (a tensor's state) are nodes of their own, referenced by key.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +30,7 @@ from dask.callbacks import Callback
 from .journal import journaled
 from .progress import Progress
 
-__all__ = ["RunOptions", "run_tasks", "run_reduce", "default_workers", "local_cluster"]
+__all__ = ["RunOptions", "run_tasks", "run_reduce", "default_workers", "graph_token", "local_cluster"]
 
 
 def default_workers() -> int:
@@ -47,26 +52,31 @@ class RunOptions:
         return self.workers or default_workers()
 
 
-def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, name: str, options: RunOptions,
-              total_bytes: int, bytes_of: Callable[[Any], int]) -> list[Any]:
-    """Run fn(task) for every task as one Dask graph; results in task order.
+def run_tasks(fn: Callable[..., Any], tasks: Sequence[Any], *, name: str, options: RunOptions,
+              total_bytes: int, bytes_of: Callable[[Any], int], shared: Sequence[Any] = (),
+              uses: Callable[[Any], Sequence[int]] | None = None) -> list[Any]:
+    """Run fn(task, *values) for every task as one Dask graph; results in task order.
 
     ``bytes_of(task)`` is the input size credited to the progress bar when the task finishes.
+    ``shared`` values (a tensor's state: its scales, thresholds, factor matrices) enter the graph
+    once each, under their own key; ``uses(task)`` gives the indices of those a task is called
+    with, so a task weighs the same however big they are.
     """
-    keys = [f"{name}-{i}" for i in range(len(tasks))]
-    graph = _task_graph(fn, tasks, keys, options)
+    graph, keys = _task_graph(fn, tasks, name, graph_token(options), options, shared, uses)
     return _run(graph, keys, dict(zip(keys, (bytes_of(t) for t in tasks))), name, total_bytes, options)
 
 
-def run_reduce(fn: Callable[[Any], Any], tasks: Sequence[Any], *, group_of: Callable[[Any], str],
+def run_reduce(fn: Callable[..., Any], tasks: Sequence[Any], *, group_of: Callable[[Any], str],
                combine: Callable[[Any, Any], Any], name: str, options: RunOptions, total_bytes: int,
-               bytes_of: Callable[[Any], int], fan_in: int = 8) -> dict[str, Any]:
-    """Run fn(task) for every task and fold the results of each group, in task order, with
-    ``combine``; return {group: folded}. The folds form a tree in the graph, so partial results
-    are freed as they are folded instead of all waiting for the end."""
-    keys = [f"{name}-{i}" for i in range(len(tasks))]
-    graph = _task_graph(fn, tasks, keys, options)
-    groups: dict[str, list[str]] = {}
+               bytes_of: Callable[[Any], int], fan_in: int = 8, shared: Sequence[Any] = (),
+               uses: Callable[[Any], Sequence[int]] | None = None) -> dict[str, Any]:
+    """Run fn(task, *values) for every task (``shared``, ``uses``: as in :func:`run_tasks`) and
+    fold the results of each group, in task order, with ``combine``; return {group: folded}. The
+    folds form a tree in the graph, so partial results are freed as they are folded instead of all
+    waiting for the end."""
+    token = graph_token(options)
+    graph, keys = _task_graph(fn, tasks, name, token, options, shared, uses)
+    groups: dict[str, list] = {}
     for key, task in zip(keys, tasks):
         groups.setdefault(group_of(task), []).append(key)
     roots = []
@@ -75,7 +85,7 @@ def run_reduce(fn: Callable[[Any], Any], tasks: Sequence[Any], *, group_of: Call
         while len(members) > 1:
             folded = []
             for j in range(0, len(members), fan_in):
-                key = f"{name}-fold-{g}-{level}-{j}"
+                key = (f"{name}-fold-{token}", g, level, j)
                 graph[key] = Task(key, _fold, DataNode(None, combine), *(TaskRef(m) for m in members[j:j + fan_in]))
                 folded.append(key)
             members, level = folded, level + 1
@@ -91,16 +101,35 @@ def _fold(combine, *parts):
     return out
 
 
-def _task_graph(fn, tasks, keys, options: RunOptions) -> dict:
+def graph_token(options: RunOptions) -> str:
+    """The token in every key of one graph: the head of the job's plan fingerprint (which job it
+    is) and a nonce fresh for each graph, so that no two graphs on one scheduler share a key:
+    two jobs (even the same job run twice), or two passes of one job. A scheduler given a key it
+    already holds hands back that result; with positional keys, concurrent jobs got each other's."""
+    fingerprint = getattr(options.journal, "fingerprint", "") or "0" * 8
+    return f"{fingerprint[:8]}{uuid.uuid4().hex[:8]}"
+
+
+def _task_graph(fn, tasks, name, token, options: RunOptions, shared, uses) -> tuple[dict, list]:
     # A plain graph of (function, task) nodes: the task is opaque data to dask, which neither
-    # traverses nor hashes it (dask.delayed walked every dataclass field of every task).
+    # traverses nor hashes it (dask.delayed walked every dataclass field of every task). Keys are
+    # (pass-token, task index); a shared value is a node of its own that tasks refer to.
+    keys = [(f"{name}-{token}", i) for i in range(len(tasks))]
+    shared_keys = [(f"{name}-state-{token}", k) for k in range(len(shared))]
+    graph: dict = {key: DataNode(key, value) for key, value in zip(shared_keys, shared)}
+
+    def refs(task) -> list:
+        return [TaskRef(shared_keys[k]) for k in uses(task)] if uses is not None else []
+
     if options.journal is None:
-        return {key: Task(key, fn, DataNode(None, task)) for key, task in zip(keys, tasks)}
+        graph.update((key, Task(key, fn, DataNode(None, task), *refs(task))) for key, task in zip(keys, tasks))
+        return graph, keys
     # A journaled task reads (and checks) its record where it runs: on a worker, in parallel.
     journal = options.journal
-    folder = journal.pass_folder(keys[0].rsplit("-", 1)[0] if keys else "empty")
-    return {key: Task(key, journaled, DataNode(None, fn), DataNode(None, journal.entry(folder, i)),
-                      DataNode(None, task)) for i, (key, task) in enumerate(zip(keys, tasks))}
+    folder = journal.pass_folder(name if tasks else "empty")
+    graph.update((key, Task(key, journaled, DataNode(None, fn), DataNode(None, journal.entry(folder, i)),
+                            DataNode(None, task), *refs(task))) for i, (key, task) in enumerate(zip(keys, tasks)))
+    return graph, keys
 
 
 def _run(graph, keys, sizes, name, total_bytes, options: RunOptions) -> list[Any]:

@@ -50,12 +50,13 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 class Journal:
     def __init__(self, partial: str, plan: dict[str, Any], resume: bool, inputs: list[str]):
         self.folder = os.path.join(partial, NAME)
-        # where a record's reads may lie: the inputs' folders, and the partial (merge's rebuilt models)
+        # where a record's reads may lie: the inputs' folders, and the partial (the output's own files)
         self.roots = tuple(sorted({_root(p) for p in inputs} | {os.path.abspath(partial)}))
         self._seq = 0
         os.makedirs(self.folder, exist_ok=True)
         plan_path = os.path.join(self.folder, "plan.json")
         text = json.dumps(plan, sort_keys=True, default=str).encode()
+        self.fingerprint = hashlib.sha256(text).hexdigest()  # the job's identity (its graph keys start with it)
         if resume and os.path.lexists(plan_path):
             if _read_bounded(plan_path, len(text)) != text:
                 raise ParameterError(f"{tensor_context(partial)}: the partial output was made by a different job "
@@ -91,10 +92,10 @@ class Entry:
     roots: tuple[str, ...]
 
 
-def journaled(fn, entry: Entry, task):
+def journaled(fn, entry: Entry, task, *shared):
     """The graph node of a journaled task: the recorded result if its record is valid and its
-    inputs unchanged; else run the task, recording the input ranges it reads (read_bits adds
-    each with its CRC), and record it."""
+    inputs unchanged; else run ``fn(task, *shared)``, recording the input ranges it reads
+    (read_bits adds each with its CRC), and record it."""
     found = _load(entry)
     if found is not None:
         result, reads = found
@@ -105,7 +106,7 @@ def journaled(fn, entry: Entry, task):
         return result
     READS.ranges = ranges = []
     try:
-        result = fn(task)
+        result = fn(task, *shared)
     finally:
         READS.ranges = None
     reads = [list(r) for r in dict.fromkeys(ranges)]

@@ -26,7 +26,7 @@ from ..exact import NonFinite
 from ..methods.base import ChunkContext, combine_partials, non_finite_error
 from ..plan import DEFAULT_CHUNK_BYTES, pair_tensors
 from ..policy import Policy
-from .tensors import TensorJob, batches, prepare_jobs, read_pair_base, run_stats_passes
+from .tensors import TensorJob, batches, prepare_jobs, read_pair_base, run_stats_passes, with_state
 
 __all__ = ["compress", "compress_many", "CompressTask", "compress_chunk", "head_crc32c"]
 
@@ -39,8 +39,9 @@ class Target:
     key: str
     ft: TensorInfo
     method: Method
-    ctx: ChunkContext
+    ctx: ChunkContext  # without the tensor's state: that reaches compress_chunk by reference
     arrays: tuple[StoredArray, ...]
+    state: int  # which of the graph's shared states is its tensor's
 
 
 @dataclass(frozen=True)
@@ -64,24 +65,26 @@ def head_crc32c(info: TensorInfo, head_bytes: int) -> int:
     return crc32c(read_bits(info, 0, count))
 
 
-def compress_chunk(task: CompressTask) -> dict:
+def compress_chunk(task: CompressTask, *states: dict) -> dict:
+    """Encode and write one chunk for each target; ``states``: the targets' tensor states."""
     c0 = task.targets[0].ctx
     base = read_pair_base(task.base, task.base_numel, c0.start, c0.stop, c0.dtype)
     shared = {"base_crc_list": [crc32c(base[: max(0, task.base_numel - c0.start)])]}
     if c0.index == 0 and task.base is not None:
         shared["head_crc_list"] = [head_crc32c(task.base, mf.HEAD_BYTES)]
     results = {}
-    for i, t in enumerate(task.targets):
-        ft = read_bits(t.ft, t.ctx.start, t.ctx.stop)
+    for i, (t, state) in enumerate(zip(task.targets, states)):
+        ctx = with_state(t.ctx, state)
+        ft = read_bits(t.ft, ctx.start, ctx.stop)
         result = {**shared, "ft_crc_list": [crc32c(ft)]}
         try:
-            encoded, result["post"] = t.method.encode_with_stats(base, ft, t.ctx)
+            encoded, result["post"] = t.method.encode_with_stats(base, ft, ctx)
         except NonFinite:
-            raise non_finite_error(t.method, t.ctx, t.ft, task.base, ft, base) from None
+            raise non_finite_error(t.method, ctx, t.ft, task.base, ft, base) from None
         del ft  # unmap the input before the (slower) compression and write
         stored = any(a.any() for a in encoded.values())
         # the CRC of each array's chunk data, as a reader decodes it (0: not stored, read as zeros)
-        result["crc"] = {f"{s.role}_list": [write_chunk(t.root, t.key, s, t.ctx.index, encoded[s.role])
+        result["crc"] = {f"{s.role}_list": [write_chunk(t.root, t.key, s, ctx.index, encoded[s.role])
                                             if stored else 0] for s in t.arrays}
         result["stored_list"] = [stored]
         results[str(i)] = result
@@ -175,6 +178,7 @@ def _write_pass(outputs: list[tuple[str, list[TensorJob]]], seed: int, options: 
     base_of: dict[str, tuple] = {}
     targets_of: dict[str, int] = {}  # tensor name -> how many outputs have it so far
     slots = []  # per output: tensor name -> its target index in that tensor's tasks
+    states = []  # each tensor's state, once in the graph
     for root, jobs in outputs:
         slots.append({})
         for job in jobs:
@@ -185,13 +189,16 @@ def _write_pass(outputs: list[tuple[str, list[TensorJob]]], seed: int, options: 
             base_of[job.name] = (job.plan.base, job.plan.base_numel)
             slots[-1][job.name] = targets_of.get(job.name, 0)
             targets_of[job.name] = slots[-1][job.name] + 1
+            states.append(job.state)
             for chunk in job.plan.chunks():
                 tasks.setdefault((job.name, chunk.start, chunk.stop), []).append(
-                    Target(root, key, job.plan.ft, job.method, job.context(chunk, seed, device=device), arrays))
+                    Target(root, key, job.plan.ft, job.method, job.context(chunk, seed, device=device, state=False),
+                           arrays, len(states) - 1))
     graph_tasks = [CompressTask(name, *base_of[name], tuple(targets)) for (name, _, _), targets in tasks.items()]
     results = run_reduce(compress_chunk, graph_tasks, group_of=lambda t: t.tensor, combine=combine_partials,
                          name="compress", options=options, total_bytes=sum(t.nbytes for t in graph_tasks),
-                         bytes_of=lambda t: t.nbytes)
+                         bytes_of=lambda t: t.nbytes, shared=states, uses=lambda t: [x.state for x in t.targets])
+    del states
     all_entries = []
     for i, (root, jobs) in enumerate(outputs):
         entries = []

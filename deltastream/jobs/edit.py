@@ -10,6 +10,7 @@ bit for bit.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from ..methods import Method
 from ..methods.base import ChunkContext
 from ..plan import DEFAULT_CHUNK_BYTES, pair_tensors
 from ..policy import Policy
-from .tensors import batches, prepare_jobs, read_pair, run_stats_passes
+from .tensors import batches, prepare_jobs, read_pair, run_stats_passes, with_state
 
 __all__ = ["edit", "EditTask", "edit_chunk"]
 
@@ -36,10 +37,11 @@ class EditTask:
     ctx: ChunkContext
     out_path: str
     out_offset: int
+    state: int  # which of the graph's shared states is its tensor's
 
 
-def edit_chunk(task: EditTask) -> None:
-    c = task.ctx
+def edit_chunk(task: EditTask, state: dict) -> None:
+    c = with_state(task.ctx, state)
     base, ft = read_pair(task.ft, task.base, task.base_numel, c.start, c.stop)
     out = task.method.edit_bits(base, ft, c) if task.method.lossy else ft
     write_at(task.out_path, task.out_offset + c.start * c.dtype.itemsize, out, c.tensor)
@@ -56,7 +58,8 @@ def edit(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes: in
     ft_ckpt = open_checkpoint(fine_tune)
     jobs = prepare_jobs(pair_tensors(base_ckpt, ft_ckpt, chunk_bytes), method, policy, ft_ckpt)
     outputs = [OutputTensor(j.name, j.plan.ft.dtype.name, j.plan.ft.shape) for j in jobs]
-    metadata = {**ft_ckpt.metadata, "deltastream_method": method.method_id, "deltastream_seed": str(seed)}
+    metadata = {**ft_ckpt.metadata, "deltastream_method": method.method_id,
+                "deltastream_params": json.dumps(method.get_config(), sort_keys=True), "deltastream_seed": str(seed)}
     plan = {"edit": method.get_config(), "seed": seed, "chunk": chunk_bytes, "policy": repr(policy),
             "shard": max_shard_size}
     with job_output(out, overwrite=overwrite, inputs=[*base_ckpt.files, *ft_ckpt.files], resume=resume, plan=plan,
@@ -67,11 +70,13 @@ def edit(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes: in
             copy_side_file(path, os.path.join(folder, name))
         for batch in batches(jobs):  # passes then writes, a batch of tensors' state at a time
             run_stats_passes(batch, seed, options, post=True)
-            tasks = [EditTask(j.plan.ft, j.plan.base, j.plan.base_numel, j.method, j.context(chunk, seed, device=device),
-                              *writer.location(j.name)) for j in batch for chunk in j.plan.chunks()]
+            tasks = [EditTask(j.plan.ft, j.plan.base, j.plan.base_numel, j.method,
+                              j.context(chunk, seed, device=device, state=False), *writer.location(j.name), k)
+                     for k, j in enumerate(batch) for chunk in j.plan.chunks()]
             run_tasks(edit_chunk, tasks, name="edit", options=options,
                       total_bytes=sum(j.plan.ft.nbytes * 2 for j in batch),
-                      bytes_of=lambda t: t.ctx.size * t.ctx.dtype.itemsize * 2)
+                      bytes_of=lambda t: t.ctx.size * t.ctx.dtype.itemsize * 2,
+                      shared=[j.state for j in batch], uses=lambda t: (t.state,))
             for job in batch if not keep_state else ():
                 job.state = {k: v for k, v in job.state.items() if not isinstance(v, np.ndarray)}
     return os.path.abspath(out), jobs

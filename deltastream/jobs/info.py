@@ -15,7 +15,7 @@ from ..checksum import digest
 from ..errors import escape
 from ..units import format_size
 
-__all__ = ["info", "format_info"]
+__all__ = ["info", "format_info", "format_verified", "policy_label"]
 
 
 def info(artifact: str) -> dict[str, Any]:
@@ -38,13 +38,39 @@ def info(artifact: str) -> dict[str, Any]:
         "path": manifest.path,
         "manifest_sha256": manifest.digest,
         "format_version": doc["format_version"], "library_version": doc["library_version"],
-        "created": doc["created"], "method": doc["method"], "seed": doc["seed"],
+        "created": doc["created"], "method": doc["method"], "lossy": manifest.method.lossy, "seed": doc["seed"],
         "base_fingerprint": digest(base_fp),
         "side_files": sorted(manifest.side_files),
         "fine_tune_bytes": ft_bytes, "stored_bytes": total_stored,
         "ratio": ft_bytes / total_stored if total_stored else None,
         "tensors": tensors,
     }
+
+
+def policy_label(tensor: dict[str, Any]) -> str:
+    """A tensor's policy in the one vocabulary text and --json share (docs/cli.md#info): the
+    policy (lossless, new, grown or the method's id), and ", unchanged" where nothing is stored
+    because every chunk equals the base (--json: ``"unchanged": true``)."""
+    return tensor["policy"] + (", unchanged" if tensor["unchanged"] else "")
+
+
+def format_verified(summary: dict[str, Any], artifact: str, base: str | None) -> str:
+    """What ``verify`` checked, in words: a lossy tensor's rebuild is the edited fine-tune, so
+    only its stored chunks and the base can be checked, not the fine-tune's checksums."""
+    art = escape(artifact)
+    if base is None:
+        return (f"ok: artifact '{art}' is intact: every stored chunk decodes and matches its recorded CRC-32C, "
+                "every side file its sha256")
+    method = summary["method"]["id"]
+    lossy = sum(t["policy"] == method for t in summary["tensors"]) if summary["lossy"] else 0
+    line = (f"ok: artifact '{art}' and base '{escape(base)}' match: the base has the recorded checksums and every "
+            "chunk decodes against it")
+    if not lossy:
+        return line + "; the rebuilt fine-tune has the fine-tune's recorded checksums"
+    exact = len(summary["tensors"]) - lossy
+    return (line + f"; {exact} exact tensors rebuild to the fine-tune's recorded checksums, {lossy} stored by "
+            f"lossy '{escape(method)}' rebuild the edited fine-tune (checked by their stored chunks' CRC-32C, "
+            "not against the fine-tune)")
 
 
 def format_info(summary: dict[str, Any], max_rows: int = 40) -> str:
@@ -65,13 +91,13 @@ def format_info(summary: dict[str, Any], max_rows: int = 40) -> str:
         f"stored          {format_size(summary['stored_bytes'])}  (ratio {summary['ratio']:.2f}x)"
         if summary["ratio"] else f"stored          {format_size(summary['stored_bytes'])}",
         "",
-        f"{'tensor':<48} {'dtype':<6} {'shape':<18} {'policy':<9} {'size':>10} {'stored':>10} {'ratio':>8}",
+        f"{'tensor':<48} {'dtype':<6} {'shape':<18} {'policy':<22} {'size':>10} {'stored':>10} {'ratio':>8}",
     ]
     rows = summary["tensors"]
     for t in rows[:max_rows]:
         ratio = f"{t['ratio']:.2f}x" if t["ratio"] else "-"
-        policy = "unchanged" if t["unchanged"] else t["policy"]
-        lines.append(f"{escape(t['name'])[:48]:<48} {t['dtype']:<6} {str(tuple(t['shape'])):<18} {policy:<9} "
+        lines.append(f"{escape(t['name'])[:48]:<48} {t['dtype']:<6} {str(tuple(t['shape'])):<18} "
+                     f"{escape(policy_label(t)):<22} "
                      f"{format_size(t['bytes']):>10} {format_size(t['stored_bytes']):>10} {ratio:>8}")
     if len(rows) > max_rows:
         lines.append(f"... and {len(rows) - max_rows} more tensors (--json lists all)")

@@ -4,13 +4,16 @@ statistics passes that run before (and, for edit, after) a method's encoding is 
 A :class:`TensorJob` is the driver's view of one tensor: its plan, its policy (the run's method,
 or exact storage), the method that encodes it, the name of its random stream, and its state
 (figures the stats passes found: scales, thresholds, factors). Tasks are frozen dataclasses of
-plain data, so the same passes run on threads or a dask.distributed cluster.
+plain data, so the same passes run on threads or a dask.distributed cluster. A task's context
+leaves the state out: the graph holds each tensor's state once and hands it to the task function
+by reference (``run_tasks``' ``shared``), which puts it back with :func:`with_state`; a task
+weighs a few hundred bytes even when the state is low rank's factor matrices.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -25,7 +28,7 @@ from ..policy import Policy
 from ..scratch import scratch
 
 __all__ = ["StatsTask", "TensorJob", "batches", "prepare_jobs", "read_pair", "read_pair_base", "run_stats_passes",
-           "stats_chunk", "tied_aliases"]
+           "stats_chunk", "tied_aliases", "with_state"]
 
 _EXACT = Lossless()
 
@@ -43,11 +46,19 @@ class TensorJob:
     def name(self) -> str:
         return self.plan.name
 
-    def context(self, chunk: Chunk, seed: int, chunk_state: dict | None = None, device: str = "cpu") -> ChunkContext:
+    def context(self, chunk: Chunk, seed: int, chunk_state: dict | None = None, device: str = "cpu", *,
+                state: bool = True) -> ChunkContext:
+        """The chunk's context; with ``state=False`` without the tensor's state, for a task that
+        receives the state by reference (see :func:`with_state`)."""
         return ChunkContext(tensor=self.name, dtype=self.plan.ft.dtype, shape=self.plan.ft.shape,
                             start=chunk.start, stop=chunk.stop, index=chunk.index, seed=seed,
-                            rng_name=self.rng_name, state=self.state, chunk_state=chunk_state or {},
-                            device=device)
+                            rng_name=self.rng_name, state=self.state if state else {},
+                            chunk_state=chunk_state or {}, device=device)
+
+
+def with_state(ctx: ChunkContext, state: dict) -> ChunkContext:
+    """A task's context with its tensor's state, which reached the task as a graph argument."""
+    return replace(ctx, state=state)
 
 
 def tied_aliases(ft: Checkpoint) -> dict[str, str]:
@@ -107,17 +118,19 @@ class StatsTask:
     ctx: ChunkContext
     pass_index: int  # -1: the post pass
     group: str
+    state: int  # which of the graph's shared states is its tensor's
 
 
-def stats_chunk(task: StatsTask):
-    base, ft = read_pair(task.ft, task.base, task.base_numel, task.ctx.start, task.ctx.stop)
-    delta = task.method.delta(base, ft, task.ctx)
+def stats_chunk(task: StatsTask, state: dict):
+    ctx = with_state(task.ctx, state)
+    base, ft = read_pair(task.ft, task.base, task.base_numel, ctx.start, ctx.stop)
+    delta = task.method.delta(base, ft, ctx)
     try:
         if task.pass_index < 0:
-            return task.method.post_stats(delta, task.ctx)
-        return task.method.pre_stats(task.pass_index, delta, task.ctx)
+            return task.method.post_stats(delta, ctx)
+        return task.method.pre_stats(task.pass_index, delta, ctx)
     except NonFinite:
-        raise non_finite_error(task.method, task.ctx, task.ft, task.base, ft, base) from None
+        raise non_finite_error(task.method, ctx, task.ft, task.base, ft, base) from None
 
 
 #: the driver memory the tensors of one batch may hold in state and pass partials
@@ -145,16 +158,17 @@ def run_stats_passes(jobs: list[TensorJob], seed: int, options: RunOptions, *, p
     passes = max((j.method.pre_passes(j.plan.ft.shape) for j in lossy), default=0)
     for i in list(range(passes)) + ([-1] if post else []):
         todo = [j for j in lossy if (j.method.has_post_stats if i < 0 else i < j.method.pre_passes(j.plan.ft.shape))]
-        tasks = [StatsTask(j.plan.ft, j.plan.base, j.plan.base_numel, j.method, j.context(c, seed),
-                           i, j.name if i < 0 else j.method.stats_group(i, j.name))
-                 for j in todo for c in j.plan.chunks()]
+        tasks = [StatsTask(j.plan.ft, j.plan.base, j.plan.base_numel, j.method, j.context(c, seed, state=False),
+                           i, j.name if i < 0 else j.method.stats_group(i, j.name), k)
+                 for k, j in enumerate(todo) for c in j.plan.chunks()]
         if not tasks:
             continue
         label = "stats" if i >= 0 else "scales"
         combined = run_reduce(stats_chunk, tasks, group_of=lambda t: t.group, combine=combine_partials,
                               name=f"{label}-{i}" if i >= 0 else label, options=options,
                               total_bytes=sum(j.plan.ft.nbytes * 2 for j in todo),
-                              bytes_of=lambda t: t.ctx.size * t.ft.dtype.itemsize * 2)
+                              bytes_of=lambda t: t.ctx.size * t.ft.dtype.itemsize * 2,
+                              shared=[j.state for j in todo], uses=lambda t: (t.state,))
         for j in todo:
             if i < 0:
                 j.state = j.method.finalize_post(combined.get(j.name), j.state)

@@ -86,14 +86,30 @@ def load_merge_config(path: str) -> MergeConfig:
         line = lines.get(tuple(keys))
         return tensor_context(path) + (f" line {line}" if line else "")
 
+    method = _check_top(doc, where)
+    config_dir = os.path.dirname(os.path.abspath(path))
+    models = _model_entries(doc.get("models"), method, where, lines, config_dir)
+    base = doc.get("base_model")
+    base = _path(base, "base_model", where("base_model")) if base is not None else None
+    dtypes = {key: _dtype(doc.get(key), key, where) for key in ("dtype", "out_dtype")}
+    params = _parameters(doc.get("parameters"), method, lambda *k: where("parameters", *k), top=True)
+    return MergeConfig(path=os.path.abspath(path), text=text, method=method,
+                       base=_resolve_path(base, config_dir) if base is not None else None, base_ref=base,
+                       models=tuple(models), parameters=params, dtype=dtypes["dtype"],
+                       out_dtype=dtypes["out_dtype"], lines=lines)
+
+
+def _check_top(doc: Any, where) -> str:
+    """The document's shape and top-level keys; returns the merge method's name."""
     if not isinstance(doc, dict):
         raise ParameterError(f"{where()}: a merge config is a mapping (merge_method, base_model, models, ...)")
     for key in doc:
         if key not in TOP_KEYS:
-            raise ParameterError(f"{where(key)}: unknown key {show(key)} (valid: {', '.join(sorted(TOP_KEYS - set(UNSUPPORTED)))})")
+            raise ParameterError(f"{where(key)}: unknown key {show(key)} "
+                                 f"(valid: {', '.join(sorted(TOP_KEYS - set(UNSUPPORTED)))})")
         if key in UNSUPPORTED and doc[key] is not None:
-            raise ParameterError(f"{where(key)}: {show(key)} ({UNSUPPORTED[key]}) is not supported by deltastream merge; "
-                                 "use 'models:' with per-tensor filters")
+            raise ParameterError(f"{where(key)}: {show(key)} ({UNSUPPORTED[key]}) is not supported by deltastream "
+                                 "merge; use 'models:' with per-tensor filters")
     source = doc.get("tokenizer_source", "base")
     if source not in (None, "base"):
         raise ParameterError(f"{where('tokenizer_source')}: tokenizer_source {show(source)} is not supported: "
@@ -103,10 +119,12 @@ def load_merge_config(path: str) -> MergeConfig:
         raise ParameterError(f"{where()}: missing 'merge_method'")
     if not isinstance(method, str):
         raise ParameterError(f"{where('merge_method')}: merge_method must be a name, not {show(method)}")
-    models_doc = doc.get("models")
+    return method
+
+
+def _model_entries(models_doc: Any, method: str, where, lines: dict, config_dir: str) -> list[ModelEntry]:
     if not isinstance(models_doc, list) or not models_doc:
         raise ParameterError(f"{where('models')}: 'models' must be a non-empty list of {{model, parameters}}")
-    config_dir = os.path.dirname(os.path.abspath(path))
     models = []
     for i, entry in enumerate(models_doc):
         if isinstance(entry, str):
@@ -118,21 +136,15 @@ def load_merge_config(path: str) -> MergeConfig:
             raise ParameterError(f"{where('models', i, extra[0])}: unknown key {show(extra[0])} in a model entry "
                                  "(valid: model, parameters)")
         ref = _path(entry["model"], "model", where("models", i, "model"))
-        params = _parameters(entry.get("parameters"), method, lambda *k: where("models", i, "parameters", *k))
+        params = _parameters(entry.get("parameters"), method, lambda *k, i=i: where("models", i, "parameters", *k))
         models.append(ModelEntry(ref, _resolve_path(ref, config_dir), params, lines.get(("models", i), 0)))
-    base = doc.get("base_model")
-    base = _path(base, "base_model", where("base_model")) if base is not None else None
-    dtypes = {}
-    for key in ("dtype", "out_dtype"):
-        value = doc.get(key)
-        if value is not None and str(value) not in DTYPES:
-            raise ParameterError(f"{where(key)}: {key} {show(value)} is not one of {', '.join(sorted(set(DTYPES)))}")
-        dtypes[key] = DTYPES[str(value)] if value is not None else None
-    params = _parameters(doc.get("parameters"), method, lambda *k: where("parameters", *k), top=True)
-    return MergeConfig(path=os.path.abspath(path), text=text, method=method,
-                       base=_resolve_path(base, config_dir) if base is not None else None, base_ref=base,
-                       models=tuple(models), parameters=params, dtype=dtypes["dtype"],
-                       out_dtype=dtypes["out_dtype"], lines=lines)
+    return models
+
+
+def _dtype(value: Any, key: str, where) -> str | None:
+    if value is not None and str(value) not in DTYPES:
+        raise ParameterError(f"{where(key)}: {key} {show(value)} is not one of {', '.join(sorted(set(DTYPES)))}")
+    return DTYPES[str(value)] if value is not None else None
 
 
 def _path(value: Any, key: str, where: str) -> str:

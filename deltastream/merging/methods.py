@@ -15,7 +15,7 @@ never an infinite merge.
 
 ``consensus: official`` uses the official TIES rule instead: the sign of the unweighted sum elects,
 and the merge is the unweighted mean of the agreeing deltas (weights ignored).
-The sparsifiers are deltastream's own methods, keyed per model so that each model's mask depends
+The sparsifiers (``merging.sparsifiers``) are registered methods, keyed per model so that each model's mask depends
 only on (seed, model, tensor, element): adding a model or reordering tensors changes no mask.
 """
 
@@ -26,13 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import kernels
-from ..exact import NonFinite, magnitude_sum
-from ..methods.base import ChunkContext, LossyMethod
-from ..methods.dare import Dare, l1_factor
-from ..methods.trim import Trim
-from ..rng import uniform_u32
+from .sparsifiers import SPARSIFIERS
 
-__all__ = ["MergeSpec", "MERGE_METHODS", "sparsifier", "TopK", "Outliers", "DellaPrune", "TINY_DIVISOR"]
+__all__ = ["MergeSpec", "MERGE_METHODS", "PER_MODEL", "GLOBAL", "combine", "linear", "TINY_DIVISOR"]
 
 TINY_DIVISOR = 1e-8  # a normalising divisor under this in magnitude becomes 1
 
@@ -57,93 +53,9 @@ MERGE_METHODS = {
     "della": MergeSpec(True, "della", True, True),
     "della_linear": MergeSpec(False, "della", False, True),
 }
-PER_MODEL = {None: ("weight",), "magnitude": ("weight", "density"), "random": ("weight", "density"),
-             "outliers": ("weight", "density", "gamma"), "della": ("weight", "density", "epsilon")}
+#: the per-model parameters of each sparsification kind (weight, and what its sparsifier reads)
+PER_MODEL = {None: ("weight",), **{kind: ("weight", *s.parameters) for kind, s in SPARSIFIERS.items()}}
 GLOBAL = ("normalize", "rescale", "lambda", "int8_mask", "consensus", "global_trim")
-
-
-class TopK(Trim):
-    """TIES's magnitude trim with mergekit's count: the int(density * n) largest |delta|."""
-
-    def boundaries(self, n):
-        return [n - int(self.params.density * n)]
-
-
-class Outliers(Trim):
-    """Breadcrumbs: drop the int(gamma * n) largest and the rest below the int(density * n)
-    kept (mergekit 0.1.5: keep ranks [n_bot, n_bot + target))."""
-
-    def __init__(self, density: float, gamma: float):
-        super().__init__(density=density)
-        self.gamma = gamma
-
-    def boundaries(self, n):
-        target = int(self.params.density * n)
-        bottom = max(0, n - target - int(self.gamma * n))
-        return [bottom, bottom + target]
-
-    def get_config(self):
-        return {**super().get_config(), "gamma": self.gamma}
-
-
-class DellaPrune(LossyMethod):
-    """DELLA's MagPrune: per row, keep probability (density - eps) + 2 eps * rank/(ncols - 1) of
-    |delta| within the row (rank 0 the smallest; equal values ranked by position), drawn from the
-    element RNG; kept entries rescaled to the tensor's L1 norm (mergekit's rescale) or not."""
-
-    compact = False
-    method_id = "della_prune"
-
-    def __init__(self, density: float, epsilon: float, rescale: bool):
-        self.density, self.epsilon, self.rescale = density, epsilon, rescale
-        self.params = None
-
-    def get_config(self):
-        return {"id": self.method_id, "density": self.density, "epsilon": self.epsilon, "rescale": self.rescale}
-
-    def keep(self, delta: np.ndarray, ctx: ChunkContext) -> np.ndarray:
-        cols = ctx.row_len
-        if ctx.start % cols or delta.size % cols:
-            raise ValueError(f"tensor '{ctx.tensor}': DELLA needs whole rows in a chunk")
-        mag = np.abs(delta).reshape(-1, cols)
-        if not np.isfinite(mag.max(initial=0.0)):  # ranks within a row: a NaN has none
-            raise NonFinite("a NaN or infinite magnitude has no rank")
-        ranks = np.empty(mag.shape, np.float64)
-        order = np.argsort(mag, axis=1, kind="stable")
-        np.put_along_axis(ranks, order, np.arange(cols, dtype=np.float64)[None, :], axis=1)
-        prob = (self.density - self.epsilon) + ranks * (2 * self.epsilon / max(1, cols - 1))
-        draws = uniform_u32(ctx.rng_key, ctx.start, ctx.stop).reshape(mag.shape)
-        return (draws < np.minimum(np.round(prob * 2.0**32), 2.0**32 - 1)).reshape(-1)
-
-    @property
-    def has_post_stats(self):
-        return self.rescale
-
-    def post_stats(self, delta, ctx):
-        return {"abs": magnitude_sum(delta), "abs_kept": magnitude_sum(delta, self.keep(delta, ctx))}
-
-    def finalize_post(self, combined, state):
-        return {**state, "factor": l1_factor(combined)}
-
-    def edit_delta(self, delta, ctx):
-        keep = self.keep(delta, ctx)
-        delta *= np.float32(ctx.state.get("factor", 1.0))
-        delta[~keep] = 0
-        return delta
-
-
-def sparsifier(kind: str | None, params: dict, rescale: bool) -> LossyMethod | None:
-    """The per-(model, tensor) sparsifier, or None when it keeps everything (density >= 1)."""
-    density = float(params.get("density", 1.0))
-    if kind is None or density >= 1:
-        return None
-    if kind == "magnitude":
-        return TopK(density=density) if density > 0 else TopK(density=1e-12)
-    if kind == "random":
-        return Dare(p=1 - density, rescale="l1" if rescale else "none")
-    if kind == "outliers":
-        return Outliers(density, float(params.get("gamma", 0.01)))
-    return DellaPrune(density, float(params.get("epsilon", 0.15)), rescale)
 
 
 def combine(base: np.ndarray, deltas: list[np.ndarray], weights: list[float], spec: MergeSpec, *,

@@ -1,4 +1,7 @@
-"""The method registry: one line per method. An unknown name lists the valid ones."""
+"""The method registry: one line per method. An unknown name lists the valid ones.
+
+Importing a method's module also registers its numba and torch implementations (backends.py).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from .dare_bitdelta import DareBitDelta
 from .extrapolate import Extrapolate
 from .lossless import Lossless
 from .lowrank import LowRank
+from .multibit import MultiBit
+from .ternary import Ternary
 from .trim import Trim
 
 __all__ = ["METHODS", "Method", "StoredArray", "get_method", "method_from_config"]
@@ -25,6 +30,8 @@ METHODS: dict[str, type[Method]] = {
     Extrapolate.method_id: Extrapolate,
     Trim.method_id: Trim,
     LowRank.method_id: LowRank,
+    MultiBit.method_id: MultiBit,
+    Ternary.method_id: Ternary,
 }
 
 
@@ -38,5 +45,13 @@ def get_method(name: str, **params: Any) -> Method:
 
 
 def method_from_config(config: dict[str, Any]) -> Method:
+    """The method a config (an artifact's manifest) names. Artifacts written before multi-bit
+    BitDelta had its own id say ``{"id": "bitdelta", "bits": b, ...}``: b = 0 is bitdelta, b >= 1
+    is multibit (per tensor, scale; the same stored arrays)."""
     config = dict(config)
-    return get_method(config.pop("id"), **config)
+    name = config.pop("id")
+    if name == BitDelta.method_id and "bits" in config:
+        bits = config.pop("bits")
+        if bits:
+            name, config = MultiBit.method_id, {"bits": bits, "scale": config.get("scale", 1.0)}
+    return get_method(name, **config)

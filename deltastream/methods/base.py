@@ -20,6 +20,11 @@ What a method does with a chunk, in the order the jobs call it:
    ``edit_bits`` = ``decode(encode(...))`` for methods with a compact form, so that
    ``apply`` of an artifact and ``edit`` give the same bits by construction.
 
+Roles are types: an :class:`Edit` maps a delta to a delta; an :class:`Encoding` maps it to
+stored arrays and back (and so is an edit too); passes are optional on either. The numpy code of
+a method is its reference; fused numba kernels and torch kernels for the same roles are
+registered by the method's module in ``backends.py`` and chosen per chunk by device and dtype.
+
 A figure over the whole tensor (a mean, a threshold, a product) cannot be made of a NaN or an
 infinity: the code computing it raises ``exact.NonFinite`` (noticed on its slow path, never
 looked for on the fast one), and the job's chunk task re-raises it with :func:`non_finite_error`,
@@ -46,8 +51,9 @@ from ..errors import CheckpointError, ParameterError, escape, tensor_context
 from ..params import describe_params, parse_params
 from ..rng import tensor_key
 from ..scratch import scratch
+from . import backends
 
-__all__ = ["Method", "LossyMethod", "StoredArray", "ChunkContext", "combine_partials", "NonFiniteDelta",
+__all__ = ["Method", "LossyMethod", "Edit", "Encoding", "StoredArray", "ChunkContext", "combine_partials", "NonFiniteDelta",
            "non_finite_error"]
 
 
@@ -187,6 +193,11 @@ class Method:
     def fail(self, message: str) -> ParameterError:
         return ParameterError(f"method '{self.method_id}': {message}")
 
+    def implements(self, role: str, backend: str) -> bool:
+        """Whether this instance's parameters fit the ``role`` implementation registered for
+        ``backend`` (methods/backends.py); the numpy reference always applies."""
+        return True
+
     def accepts(self, shape: tuple[int, ...]) -> bool:
         """Whether the method can edit a tensor of this shape (else it is stored exact)."""
         return True
@@ -290,33 +301,34 @@ class LossyMethod(Method):
             edited += to_float32(base, ctx.dtype, out=scratch("lossy.base", base.size, np.float32))
             return from_float32(edited, ctx.dtype, out=out)
 
+    def _fast(self, role: str, ctx: ChunkContext):
+        """The registered numba/torch implementation of ``role`` for this chunk, or None (numpy)."""
+        return backends.find(self, role, ctx.device, ctx.dtype.name)
+
     def encode(self, base, ft, ctx):
+        fast = self._fast("encode", ctx)
+        if fast is not None:
+            return fast(self, base, ft, ctx)[0]
         return self.encode_delta(self.delta(base, ft, ctx), base, ft, ctx)
 
     def encode_with_stats(self, base, ft, ctx):
-        if ctx.device != "cpu":
-            from ..device import encode_on_device, has_encoder
-
-            if has_encoder(self, ctx.dtype.name):
-                return encode_on_device(self, base, ft, ctx, ctx.device)
+        fast = self._fast("encode", ctx)
+        if fast is not None:
+            return fast(self, base, ft, ctx)
         delta = self.delta(base, ft, ctx)
         post = self.post_stats(delta, ctx)  # before encode_delta, which may reuse delta's memory
         return self.encode_delta(delta, base, ft, ctx), post
 
     def decode(self, base, stored, ctx):
-        if ctx.device != "cpu":
-            from ..device import decode_on_device, has_decoder
-
-            if has_decoder(self, ctx.dtype.name):
-                return decode_on_device(self, base, stored, ctx, ctx.device)
+        fast = self._fast("decode", ctx)
+        if fast is not None:
+            return fast(self, base, stored, ctx)
         return self.output_bits(base, self.decode_delta(stored, base, ctx), ctx)
 
     def edit_bits(self, base, ft, ctx):
-        if ctx.device != "cpu":
-            from ..device import edit_on_device, has_kernel
-
-            if has_kernel(self, ctx.dtype.name):
-                return edit_on_device(self, base, ft, ctx, ctx.device)
+        fast = self._fast("edit", ctx)
+        if fast is not None:
+            return fast(self, base, ft, ctx)
         # a compact method may give a direct edit_delta when it is cheaper than decode(encode());
         # the tests check that it equals apply of the artifact, bit for bit
         if self.compact and type(self).edit_delta is LossyMethod.edit_delta:
@@ -331,3 +343,18 @@ class LossyMethod(Method):
 
     def edit_delta(self, delta: np.ndarray, ctx: ChunkContext) -> np.ndarray:
         raise NotImplementedError
+
+
+class Edit(LossyMethod):
+    """The edit role: ``edit_delta(delta, ctx)`` -> the edited delta; a checkpoint out, no
+    artifact form (extrapolate, biased, trim)."""
+
+    compact = False
+
+
+class Encoding(LossyMethod):
+    """The encoding role: ``encode_delta`` -> the arrays ``stored_arrays`` lists, ``decode_delta``
+    -> the edited delta. An encoding is also an edit, ``decode(encode())``, unless it gives an
+    ``edit_delta`` with the same bits that costs less."""
+
+    compact = True

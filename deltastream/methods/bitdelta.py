@@ -9,8 +9,8 @@ plane marking the non-zero entries (ternary: exact zeros, which bf16 deltas have
 zero, and alpha is then the mean over the non-zero entries). ``scale`` is the paper's "multiple
 of the average magnitude" (1 = BitDelta). ``residual: n`` is BitDelta's own finer fidelity:
 binarise the residual ``delta - edited`` again, n more times, each level with its own scale.
-``bits: b`` is the paper's multi-bit extension (2^b equal-count magnitude blocks per tensor,
-each replaced by its mean magnitude), implemented in ``blocks.py``.
+The paper's multi-bit extension (2^b equal-count magnitude blocks per tensor) is its own method,
+``multibit`` (multibit.py).
 
 Signs do not depend on alpha, so a compress is ONE streaming pass: each chunk writes its packed
 signs and returns exact partial magnitude sums, and alpha is finalized when the pass ends.
@@ -25,11 +25,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import kernels
-from ..errors import ParameterError
+from ..device import TORCH_DTYPES, edit_on_device, load_bits, store_output, torch_device
+from ..errors import escape
 from ..exact import magnitude_sum, row_magnitude_sums, total
 from ..params import check_range, field
 from ..scratch import scratch
-from .base import ChunkContext, LossyMethod
+from . import bitdelta_kernels
+from .backends import register
+from .base import ChunkContext, Encoding
 from .packing import pack, packed_array, unpack
 
 __all__ = ["BitDelta", "row_index_ranges"]
@@ -41,18 +44,13 @@ _BLOCK = 1 << 20  # elements of the fused encode's float32 delta block (4 MiB: s
 class BitDeltaParams:
     scale: float = field(1.0, "multiple of the mean magnitude used as the scale (the paper's 'degenerate' axis)")
     per: str = field("tensor", "one scale per tensor (BitDelta) or per row", choices=("tensor", "row"))
-    bits: int = field(0, "magnitude bits: 2^bits equal-count magnitude blocks per tensor (0: 1-bit BitDelta)")
     residual: int = field(0, "extra 1-bit levels fitted to the residual (BitDelta's finer fidelity)")
     zero: str = field("plus", "sign of an exact zero: +1 (plus, the reference code) or kept at 0 (keep)",
                       choices=("plus", "keep"))
 
     def __post_init__(self):
         check_range("bitdelta", "scale", self.scale, 0.0, None, low_open=True)
-        check_range("bitdelta", "bits", self.bits, 0, 8)
         check_range("bitdelta", "residual", self.residual, 0, 8)
-        if self.bits and (self.per != "tensor" or self.residual or self.zero != "plus"):
-            raise ParameterError("method 'bitdelta': bits >= 1 (magnitude blocks) works per tensor, "
-                                 "with residual=0 and zero=plus")
 
 
 def row_index_ranges(ctx: ChunkContext) -> tuple[int, int, int, int]:
@@ -64,18 +62,23 @@ def row_index_ranges(ctx: ChunkContext) -> tuple[int, int, int, int]:
     return first, full_lo, max(full_lo, full_hi), last
 
 
-class BitDelta(LossyMethod):
+class BitDelta(Encoding):
     method_id = "bitdelta"
     Params = BitDeltaParams
-    summary = "packed signs of the delta times one scale per tensor or row (BitDelta); multi-bit; residual"
+    summary = "packed signs of the delta times one scale per tensor or row (BitDelta); residual levels"
 
     def __init__(self, params=None, **values):
+        if "bits" in values:  # multi-bit BitDelta was bitdelta's bits parameter before
+            bits = escape(str(values["bits"]))
+            raise self.fail("has no parameter bits: multi-bit BitDelta is its own method, multibit -p bits="
+                            + (bits if len(bits) <= 20 else bits[:20] + "..."))
         super().__init__(params, **values)
-        self._blocks = None
-        if self.params.bits:
-            from .blocks import MagnitudeBlocks
 
-            self._blocks = MagnitudeBlocks(bits=self.params.bits, scale=self.params.scale)
+    def implements(self, role, backend):
+        p = self.params
+        if backend == "numba":  # BitDelta itself: 1 bit, one scale per tensor, one kernel a chunk
+            return p.per == "tensor" and self.levels == 1 and p.zero == "plus"
+        return self.levels == 1 and (role != "encode" or p.per == "tensor")  # per-row scales: CPU
 
     @property
     def levels(self) -> int:
@@ -144,90 +147,40 @@ class BitDelta(LossyMethod):
 
     # --- passes -------------------------------------------------------------------------------------
     def pre_passes(self, shape):
-        return self._blocks.pre_passes(shape) if self._blocks else self.params.residual
+        return self.params.residual
 
     def pre_stats(self, i, delta, ctx):
-        if self._blocks:
-            return self._blocks.pre_stats(i, delta, ctx)
         return self._sums(self._residual(delta, i, ctx), ctx, self._nonzero(delta))
 
     def finalize_pre(self, i, combined, state):
-        if self._blocks:
-            return self._blocks.finalize_pre(i, combined, state)
         return {**state, "alpha": list(state.get("alpha", [])) + [self._alpha(combined, state["_rows"])]}
 
-    @property
-    def has_post_stats(self) -> bool:
-        return self._blocks is None  # magnitude blocks find everything in their pre passes
-
     def post_stats(self, delta, ctx):
-        if self._blocks:
-            return None
         return self._sums(self._residual(delta, self.levels - 1, ctx), ctx, self._nonzero(delta))
 
     def finalize_post(self, combined, state):
-        if self._blocks:
-            return state
         alphas = list(state.get("alpha", [])) + [self._alpha(combined, state["_rows"])]
         if self.params.per == "row":
             return {"alpha": np.stack(alphas).astype(np.float32)}
         return {"alpha": [float(a) for a in alphas]}
 
     def initial_state(self, shape) -> dict:
-        return {} if self._blocks else {"_rows": self._rows(shape)}
+        return {"_rows": self._rows(shape)}
 
     # --- the artifact form ----------------------------------------------------------------------
     def state_layout(self, shape):
-        if self._blocks:
-            return self._blocks.state_layout(shape)
         if self.params.per == "row":
             return {"alpha": ("array", (self.levels, self._rows(shape)))}
         return {"alpha": ("numbers", (self.levels,))}
 
     def stored_arrays(self, dtype, shape, chunk_elems, state):
-        if self._blocks:
-            return self._blocks.stored_arrays(dtype, shape, chunk_elems, state)
         numel = math.prod(shape)
         arrays = [packed_array(f"signs{j}", chunk_elems, numel) for j in range(self.levels)]
         if self.params.zero == "keep":
             arrays.append(packed_array("nonzero", chunk_elems, numel))
         return arrays
 
-    def _fused(self, ctx: ChunkContext) -> bool:
-        """BitDelta itself (1 bit, one scale per tensor) on a BF16 chunk on the CPU: one kernel."""
-        p = self.params
-        return (ctx.device == "cpu" and ctx.dtype.name == "BF16" and not self._blocks and p.per == "tensor"
-                and self.levels == 1 and p.zero == "plus")
-
-    def _encode_fused(self, base, ft, ctx) -> tuple[dict, dict]:
-        """Packed signs and the exact magnitude sum, a 4 MiB block of the float32 delta at a time:
-        the delta never exists whole (a chunk of 16M bf16 elements would need 64 MiB for it), and
-        the sum re-reads each block from cache."""
-        signs = scratch("bitdelta.signs", math.ceil(ctx.size / 8), np.uint8)
-        delta = scratch("bitdelta.block", min(ctx.size, _BLOCK), np.float32)
-        fixed = 0
-        for s in range(0, ctx.size, _BLOCK):  # _BLOCK is a multiple of 8: blocks start on a byte
-            e = min(ctx.size, s + _BLOCK)
-            kernels.bf16_delta_signs(base[s:e], ft[s:e], delta[: e - s], signs[s // 8: (e + 7) // 8])
-            fixed += magnitude_sum(delta[: e - s])
-        return {"signs0": signs}, {"abs": fixed, "count": ctx.size}
-
-    def encode(self, base, ft, ctx):
-        return self._encode_fused(base, ft, ctx)[0] if self._fused(ctx) else super().encode(base, ft, ctx)
-
-    def encode_with_stats(self, base, ft, ctx):
-        return self._encode_fused(base, ft, ctx) if self._fused(ctx) else super().encode_with_stats(base, ft, ctx)
-
-    def decode(self, base, stored, ctx):
-        if self._fused(ctx):
-            out = scratch("lossy.out", ctx.size, np.uint16)
-            kernels.bitdelta_bf16_output(base, stored["signs0"], self._alpha_of(0, ctx), out)
-            return out
-        return super().decode(base, stored, ctx)
-
     def encode_delta(self, delta, base, ft, ctx):
-        if self._blocks:
-            return self._blocks.encode_delta(delta, base, ft, ctx)
         out = {}
         if self.params.zero == "keep":
             out["nonzero"] = pack(delta != 0)
@@ -241,13 +194,95 @@ class BitDelta(LossyMethod):
         return out
 
     def decode_delta(self, stored, base, ctx):
-        if self._blocks:
-            return self._blocks.decode_delta(stored, base, ctx)
         edited = scratch("bitdelta.edited", ctx.size, np.float32)
         edited[...] = 0
         for j in range(self.levels):
             alpha = np.atleast_1d(np.asarray(self._alpha_of(j, ctx), np.float32))
-            kernels.add_signed(stored[f"signs{j}"], alpha, alpha.size > 1, edited)
+            bitdelta_kernels.add_signed(stored[f"signs{j}"], alpha, alpha.size > 1, edited)
         if self.params.zero == "keep":
             edited[~unpack(stored["nonzero"], ctx.size)] = 0
         return edited
+
+
+# --- fast paths: numba (1-bit per tensor, BF16) and torch (no residual levels) ------------------
+def _encode_fused(method: BitDelta, base, ft, ctx) -> tuple[dict, dict]:
+    """Packed signs and the exact magnitude sum, a 4 MiB block of the float32 delta at a time:
+    the delta never exists whole (a chunk of 16M bf16 elements would need 64 MiB for it), and
+    the sum re-reads each block from cache."""
+    signs = scratch("bitdelta.signs", math.ceil(ctx.size / 8), np.uint8)
+    delta = scratch("bitdelta.block", min(ctx.size, _BLOCK), np.float32)
+    fixed = 0
+    for s in range(0, ctx.size, _BLOCK):  # _BLOCK is a multiple of 8: blocks start on a byte
+        e = min(ctx.size, s + _BLOCK)
+        bitdelta_kernels.bf16_delta_signs(base[s:e], ft[s:e], delta[: e - s], signs[s // 8: (e + 7) // 8])
+        fixed += magnitude_sum(delta[: e - s])
+    return {"signs0": signs}, {"abs": fixed, "count": ctx.size}
+
+
+def _decode_fused(method: BitDelta, base, stored, ctx) -> np.ndarray:
+    out = scratch("lossy.out", ctx.size, np.uint16)
+    bitdelta_kernels.bitdelta_bf16_output(base, stored["signs0"], method._alpha_of(0, ctx), out)
+    return out
+
+
+def _signed_alpha_torch(method: BitDelta, positive, ctx, dev):
+    """+-alpha by sign: alpha per tensor, or per row of the chunk's elements."""
+    import torch
+
+    from .torch_ops import scalar
+
+    alpha = ctx.state["alpha"][0]
+    if method.params.per == "tensor":
+        scale = scalar(alpha, dev)
+    else:
+        scale = torch.from_numpy(np.asarray(alpha, np.float32)[np.arange(ctx.start, ctx.stop) // ctx.row_len]).to(dev)
+    return torch.where(positive, scale, -scale)
+
+
+def _edit_torch_delta(method: BitDelta, delta, ctx, dev):
+    import torch
+
+    edited = _signed_alpha_torch(method, delta >= 0, ctx, dev)
+    if method.params.zero == "keep":
+        edited = torch.where(delta != 0, edited, torch.zeros((), dtype=torch.float32, device=dev))
+    return edited
+
+
+def _edit_torch(method: BitDelta, base, ft, ctx):
+    return edit_on_device(base, ft, ctx, ctx.device, lambda delta, ctx, dev: _edit_torch_delta(method, delta, ctx, dev))
+
+
+def _decode_torch(method: BitDelta, base, stored, ctx):
+    import torch
+
+    from .torch_ops import unpack
+
+    dev = torch_device(ctx.device)
+    _, b = load_bits(base, ctx, dev)
+    edited = _signed_alpha_torch(method, unpack(stored["signs0"], ctx.size, dev), ctx, dev)
+    if method.params.zero == "keep":
+        edited = torch.where(unpack(stored["nonzero"], ctx.size, dev), edited,
+                             torch.zeros((), dtype=torch.float32, device=dev))
+    return store_output(b + edited, ctx)
+
+
+def _encode_torch(method: BitDelta, base, ft, ctx):
+    """Packed signs (and the non-zero plane) with the exact magnitude sum: one scale per tensor."""
+    from .torch_ops import fixed_sum, pack
+
+    dev = torch_device(ctx.device)
+    delta = load_bits(ft, ctx, dev)[1] - load_bits(base, ctx, dev)[1]
+    stored = {"signs0": pack(delta >= 0)}
+    nonzero = delta != 0 if method.params.zero == "keep" else None
+    if nonzero is not None:
+        stored["nonzero"] = pack(nonzero)
+    post = {"abs": fixed_sum(delta if nonzero is None else delta[nonzero]),
+            "count": int(delta.numel() if nonzero is None else int(nonzero.sum()))}
+    return stored, post
+
+
+register(BitDelta, "encode", "numba", ("BF16",))(_encode_fused)
+register(BitDelta, "decode", "numba", ("BF16",))(_decode_fused)
+register(BitDelta, "edit", "torch", TORCH_DTYPES)(_edit_torch)
+register(BitDelta, "decode", "torch", TORCH_DTYPES)(_decode_torch)
+register(BitDelta, "encode", "torch", TORCH_DTYPES)(_encode_torch)

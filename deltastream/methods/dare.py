@@ -25,15 +25,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import kernels
+from ..device import TORCH_DTYPES, as_values, edit_on_device, load_bits, store_output, torch_device
+from ..dtypes import COMPUTABLE_NAMES
 from ..errors import CorruptChunkError, ParameterError
 from ..exact import magnitude_sum, total
 from ..params import check_range, field
 from ..rng import threshold_u32
 from ..scratch import scratch
-from .base import ChunkContext, LossyMethod, StoredArray
+from . import dare_kernels
+from .backends import register
+from .base import ChunkContext, Edit, Encoding, LossyMethod, StoredArray
 from .lossless import unzigzag, zigzag
 
-__all__ = ["Dare", "Biased", "keep_mask", "exact_delta", "l1_factor"]
+__all__ = ["Dare", "Biased", "keep_mask", "keep_threshold", "dare_k_multiplier", "exact_delta", "l1_factor"]
 
 RESCALES = ("inverse", "l1", "none")
 L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescale when either L1 norm is below this
@@ -52,10 +56,16 @@ def keep_threshold(p: float) -> int:
     return min(threshold_u32(p), 2**32 - 1)
 
 
+def dare_k_multiplier(p: float, k: float) -> np.float32:
+    """DARE-k's multiplier of a kept entry, (1 - k p)/(1 - p), so that E[edited] = delta
+    (and ``biased``'s multiplier of a positive one)."""
+    return np.float32((1 - k * p) / (1 - p))
+
+
 def keep_mask(ctx: ChunkContext, p: float) -> np.ndarray:
     """True where the element is kept: its 32-bit draw is at or above p * 2^32."""
     keep = scratch("dare.keep", ctx.size, bool)
-    kernels.keep_draws(*ctx.rng_key, ctx.start, ctx.size, keep_threshold(p), keep)
+    dare_kernels.keep_draws(*ctx.rng_key, ctx.start, ctx.size, keep_threshold(p), keep)
     return keep
 
 
@@ -85,7 +95,7 @@ class DareParams:
             raise ParameterError("method 'dare': k != 0 (DARE-k) is defined with rescale=inverse only")
 
 
-class Dare(LossyMethod):
+class Dare(Encoding):
     method_id = "dare"
     Params = DareParams
     summary = "random drop of a fraction p of the delta, rescaled (DARE); k: the paper's DARE-k"
@@ -113,46 +123,28 @@ class Dare(LossyMethod):
             return np.float32(1.0 / (1.0 - p.p))
         return np.float32(ctx.state.get("factor", 1.0)) if p.rescale == "l1" else np.float32(1.0)
 
-    def encode_with_stats(self, base, ft, ctx):
-        if ctx.device == "cpu" and self.params.k == 0 and self.params.rescale != "l1":
-            return self.encode_delta(None, base, ft, ctx), None  # no float delta needed at all
-        return super().encode_with_stats(base, ft, ctx)
+    def implements(self, role, backend):
+        # numba: the fused BF16 output and the encode that needs no float delta are DARE's (k = 0)
+        if backend == "numba":
+            return self.params.k == 0 and (role != "encode" or self.params.rescale != "l1")
+        return True
 
     def encode_delta(self, delta, base, ft, ctx):
         if self.params.k != 0:
             return {"delta": exact_delta(base, ft)}
         kept = scratch("dare.bits", ft.size, ft.dtype)  # one fused pass: draw, compare, diff, compact
-        count = kernels.dare_compact(base, ft, *ctx.rng_key, ctx.start, keep_threshold(self.params.p),
+        count = dare_kernels.dare_compact(base, ft, *ctx.rng_key, ctx.start, keep_threshold(self.params.p),
                                      ft.dtype.itemsize * 8, kept)
         return {"kept": kept[:count]}
-
-    def _fused_output(self, base, source, compact, ctx) -> np.ndarray | None:
-        """The whole output of a BF16 chunk in one kernel (DARE with k = 0, on the CPU)."""
-        if ctx.device != "cpu" or ctx.dtype.name != "BF16" or self.params.k != 0:
-            return None
-        out = scratch("lossy.out", ctx.size, np.uint16)
-        kept = kernels.dare_bf16_output(base, source, compact, *ctx.rng_key, ctx.start,
-                                        keep_threshold(self.params.p), self.factor(ctx), out)
-        if compact and kept > source.size:
-            raise self._short(ctx, source.size)
-        return out
 
     def _short(self, ctx, stored) -> CorruptChunkError:
         return CorruptChunkError(f"tensor '{ctx.tensor}' chunk {ctx.index}: the seed keeps more entries than "
                                  f"the {stored} stored (a corrupt artifact)")
 
-    def decode(self, base, stored, ctx):
-        out = self._fused_output(base, stored.get("kept"), True, ctx)
-        return out if out is not None else super().decode(base, stored, ctx)
-
-    def edit_bits(self, base, ft, ctx):
-        out = self._fused_output(base, ft, False, ctx)
-        return out if out is not None else super().edit_bits(base, ft, ctx)
-
     def edit_delta(self, delta, ctx):
         """The same bits as decode(encode()), with one draw of the mask instead of two."""
         if self.params.k == 0:  # one fused pass: draw, compare, scale or zero
-            kernels.dare_scale_kept(delta, *ctx.rng_key, ctx.start, keep_threshold(self.params.p), self.factor(ctx))
+            dare_kernels.dare_scale_kept(delta, *ctx.rng_key, ctx.start, keep_threshold(self.params.p), self.factor(ctx))
             return delta
         return self._apply_mask(delta, keep_mask(ctx, self.params.p), ctx)
 
@@ -163,7 +155,7 @@ class Dare(LossyMethod):
         else:
             p, k = self.params.p, self.params.k
             with np.errstate(invalid="ignore"):  # a zero multiplier times an infinite delta: NaN, carried
-                delta *= kernels.select(keep, np.float32((1 - k * p) / (1 - p)), np.float32(k),
+                delta *= kernels.select(keep, dare_k_multiplier(p, k), np.float32(k),
                                         scratch("dare.multiplier", delta.size, np.float32))
         return delta
 
@@ -174,7 +166,7 @@ class Dare(LossyMethod):
             zz[...] = stored["delta"][: ctx.size]
         else:
             kept = stored["kept"]
-            if kernels.dare_expand(kept, keep, zz) > kept.size:
+            if dare_kernels.dare_expand(kept, keep, zz) > kept.size:
                 raise self._short(ctx, kept.size)
         return self._apply_mask(delta_from_bits(base, zz, ctx, self), keep, ctx)
 
@@ -188,15 +180,104 @@ class BiasedParams:
         check_range("biased", "p", self.p, 0.0, 1.0, high_open=True)
 
 
-class Biased(LossyMethod):
+class Biased(Edit):
     method_id = "biased"
     Params = BiasedParams
     summary = "the paper's Table 1 'biased' DARE-k: the delta's sign instead of a random mask"
-    compact = False
 
     def edit_delta(self, delta, ctx):
         p, k = self.params.p, self.params.k
         with np.errstate(invalid="ignore"):  # a zero multiplier times an infinite delta: NaN, carried
-            delta *= kernels.select(delta < 0, np.float32(k), np.float32((1 - k * p) / (1 - p)),
+            delta *= kernels.select(delta < 0, np.float32(k), dare_k_multiplier(p, k),
                                     scratch("biased.multiplier", delta.size, np.float32))
         return delta
+
+
+# --- fast paths: numba (fused BF16 output; encode without a float delta) and torch --------------
+def _bf16_output(method: Dare, base, source, compact: bool, ctx) -> np.ndarray:
+    """The whole output of a BF16 chunk in one kernel (k = 0): from ft (edit) or the kept entries."""
+    out = scratch("lossy.out", ctx.size, np.uint16)
+    kept = dare_kernels.dare_bf16_output(base, source, compact, *ctx.rng_key, ctx.start,
+                                         keep_threshold(method.params.p), method.factor(ctx), out)
+    if compact and kept > source.size:
+        raise method._short(ctx, source.size)
+    return out
+
+
+def _keep_torch(method: Dare, ctx, dev):
+    from ..rng import uniform_u32_torch
+
+    return uniform_u32_torch(ctx.rng_key, ctx.start, ctx.stop, device=dev) >= keep_threshold(method.params.p)
+
+
+def _edit_torch_delta(method: Dare, delta, keep, ctx, dev):
+    """DARE's edit of a float32 delta on the device, given the keep mask (the numpy _apply_mask)."""
+    import torch
+
+    from .torch_ops import scalar
+
+    p = method.params
+    if p.k == 0:
+        delta = delta * float(method.factor(ctx))
+        return torch.where(keep, delta, torch.zeros((), dtype=torch.float32, device=dev))
+    return delta * torch.where(keep, scalar(dare_k_multiplier(p.p, p.k), dev), scalar(p.k, dev))
+
+
+def _edit_torch(method: Dare, base, ft, ctx):
+    return edit_on_device(base, ft, ctx, ctx.device,
+                          lambda delta, ctx, dev: _edit_torch_delta(method, delta, _keep_torch(method, ctx, dev), ctx, dev))
+
+
+def _decode_torch(method: Dare, base, stored, ctx):
+    import torch
+
+    dev, width = torch_device(ctx.device), 8 * ctx.dtype.itemsize
+    base_bits, b = load_bits(base, ctx, dev)
+    keep = _keep_torch(method, ctx, dev)
+    if method.params.k == 0:
+        zz = torch.zeros(ctx.size, dtype=torch.int64, device=dev)
+        zz[keep] = torch.from_numpy(stored["kept"][: int(keep.sum())].astype(np.int64)).to(dev)
+    else:
+        zz = torch.from_numpy(stored["delta"][: ctx.size].astype(np.int64)).to(dev)
+    difference = (zz >> 1) ^ -(zz & 1)  # un-zigzag (values below 2^width: no sign to drag)
+    ft = as_values((base_bits + difference) & ((1 << width) - 1), ctx)
+    return store_output(b + _edit_torch_delta(method, ft - b, keep, ctx, dev), ctx)
+
+
+def _encode_torch(method: Dare, base, ft, ctx):
+    from .torch_ops import fixed_sum
+
+    dev, width = torch_device(ctx.device), 8 * ctx.dtype.itemsize
+    base_bits, b = load_bits(base, ctx, dev)
+    ft_bits, f = load_bits(ft, ctx, dev)
+    keep = _keep_torch(method, ctx, dev)
+    difference = (ft_bits - base_bits) & ((1 << width) - 1)  # mod 2^width, as unsigned
+    signed_diff = difference - ((difference >> (width - 1)) << width)  # two's complement value
+    zz = ((signed_diff << 1) ^ (signed_diff >> (width - 1))) & ((1 << width) - 1)  # zigzag
+    stored = {"kept": zz[keep]} if method.params.k == 0 else {"delta": zz}
+    stored = {k: v.cpu().numpy().astype(ctx.dtype.bits) for k, v in stored.items()}
+    post = None
+    if method.params.rescale == "l1":
+        delta = f - b
+        post = {"abs": fixed_sum(delta), "abs_kept": fixed_sum(delta[keep])}
+    return stored, post
+
+
+register(Dare, "edit", "numba", ("BF16",))(lambda m, base, ft, ctx: _bf16_output(m, base, ft, False, ctx))
+register(Dare, "decode", "numba", ("BF16",))(lambda m, base, stored, ctx: _bf16_output(m, base, stored.get("kept"),
+                                                                                       True, ctx))
+register(Dare, "encode", "numba", COMPUTABLE_NAMES)(lambda m, base, ft, ctx: (m.encode_delta(None, base, ft, ctx), None))
+def _biased_torch(method: Biased, base, ft, ctx):
+    import torch
+
+    from .torch_ops import scalar
+
+    p = method.params
+    return edit_on_device(base, ft, ctx, ctx.device, lambda delta, ctx, dev: delta * torch.where(
+        delta < 0, scalar(p.k, dev), scalar(dare_k_multiplier(p.p, p.k), dev)))
+
+
+register(Dare, "edit", "torch", TORCH_DTYPES)(_edit_torch)
+register(Dare, "decode", "torch", TORCH_DTYPES)(_decode_torch)
+register(Dare, "encode", "torch", TORCH_DTYPES)(_encode_torch)
+register(Biased, "edit", "torch", TORCH_DTYPES)(_biased_torch)

@@ -21,7 +21,7 @@ import numpy as np
 from ..exact import magnitude_sum, total
 from ..params import check_range, field
 from ..scratch import scratch
-from .base import LossyMethod
+from .base import Encoding
 from .dare import keep_mask
 from .packing import pack, packed_array, unpack
 
@@ -39,7 +39,7 @@ class DareBitDeltaParams:
         check_range("dare_bitdelta", "scale", self.scale, 0.0, None, low_open=True)
 
 
-class DareBitDelta(LossyMethod):
+class DareBitDelta(Encoding):
     method_id = "dare_bitdelta"
     Params = DareBitDeltaParams
     summary = "DARE's random drop, then the signs of the kept entries and one scale (densest storage)"

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..device import TORCH_DTYPES, edit_on_device
 from ..params import check_range, field
-from .base import LossyMethod
+from .backends import register
+from .base import Edit
 
 __all__ = ["Extrapolate"]
 
@@ -25,13 +27,17 @@ class ExtrapolateParams:
         check_range("extrapolate", "alpha", self.alpha, -1.0, None)
 
 
-class Extrapolate(LossyMethod):
+class Extrapolate(Edit):
     method_id = "extrapolate"
     Params = ExtrapolateParams
     summary = "W_POST + alpha * delta: extrapolation (EXPO, alpha > 0) or interpolation (alpha < 0)"
-    compact = False
 
     def edit_delta(self, delta, ctx):
         with np.errstate(invalid="ignore"):  # alpha = -1 times an infinite delta: NaN, carried
             delta *= np.float32(1.0 + self.params.alpha)
         return delta
+
+
+register(Extrapolate, "edit", "torch", TORCH_DTYPES)(
+    lambda m, base, ft, ctx: edit_on_device(base, ft, ctx, ctx.device,
+                                            lambda delta, ctx, dev: delta * float(np.float32(1.0 + m.params.alpha))))

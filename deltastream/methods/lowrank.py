@@ -79,7 +79,7 @@ from ..dtypes import DType
 from ..exact import NonFinite
 from ..params import check_range, field
 from ..scratch import scratch
-from .base import ChunkContext, LossyMethod, StoredArray
+from .base import ChunkContext, Encoding, StoredArray
 
 __all__ = ["LowRank", "LowRankParams", "rank_of", "sketch_width"]
 
@@ -179,7 +179,7 @@ def _gaussian_rows(key: tuple[int, int], row0: int, n: int, width: int) -> np.nd
     return out
 
 
-class LowRank(LossyMethod):
+class LowRank(Encoding):
     method_id = "lowrank"
     Params = LowRankParams
     summary = "rank-r SVD of each matrix's delta (Twin-Merging), out-of-core randomized SVD; stores the factors"

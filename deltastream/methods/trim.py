@@ -29,7 +29,7 @@ import numpy as np
 from .. import kernels, ranks
 from ..params import check_range, field
 from ..scratch import scratch
-from .base import LossyMethod
+from .base import Edit
 
 __all__ = ["Trim", "GLOBAL_GROUP"]
 
@@ -78,11 +78,10 @@ class RankPasses:
         return None
 
 
-class Trim(RankPasses, LossyMethod):
+class Trim(RankPasses, Edit):
     method_id = "trim"
     Params = TrimParams
     summary = "TIES trim: keep exactly the top-k |delta| (k = density * n) per tensor or over the model, zero the rest"
-    compact = False
     widths = ranks.digit_widths(1)
 
     def stats_group(self, i, tensor):

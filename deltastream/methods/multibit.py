@@ -1,4 +1,4 @@
-"""Multi-bit BitDelta by magnitude blocks (the Unified-View paper, §5.3; METHODS.md §2.8, A.5).
+"""``multibit``: multi-bit BitDelta by magnitude blocks (the Unified-View paper, §5.3; METHODS.md §2.8, A.5).
 
 Per tensor, sort |delta| and cut it into M = 2^bits equal-count blocks, block b holding the ranks
 [floor(b*n/M), floor((b+1)*n/M)) (sizes differ by at most one); every magnitude becomes its
@@ -8,7 +8,9 @@ block's mean magnitude times ``scale``, and the sign is kept::
 
 Ranks order equal magnitudes by position (flat index), so a tie spanning a block boundary (bf16
 deltas hold many exact zeros) is split exactly and every block has its nominal count. The sign of
-an exact zero is + (BitDelta's reference code). M = 1 would be plain BitDelta (``bits: 0`` there).
+an exact zero is + (BitDelta's reference code). M = 1 would be plain BitDelta (``bitdelta``).
+Artifacts written before this was its own method say ``{"id": "bitdelta", "bits": b >= 1}``;
+``methods.method_from_config`` reads them as ``multibit`` (the stored arrays are the same).
 
 Stored per chunk (preset "raw", np.packbits order): ``signs``, one bit per element (1: delta >= 0);
 ``codes``, the block index as ``bits`` packed bit planes, plane p = bit p of the index (least
@@ -33,32 +35,30 @@ from .. import kernels, ranks
 from ..exact import from_parts, magnitude_sum, total
 from ..params import check_range, field
 from ..scratch import scratch
-from .base import LossyMethod
+from .base import Encoding
 from .packing import pack, packed_array, unpack
 from .trim import RankPasses
 
-__all__ = ["MagnitudeBlocks"]
+__all__ = ["MultiBit"]
 
 
 @dataclass(frozen=True)
-class BlocksParams:
+class MultiBitParams:
     bits: int = field(1, "magnitude bits: 2^bits equal-count blocks of |delta| per tensor")
     scale: float = field(1.0, "multiple of each block's mean magnitude (1: the block mean)")
 
     def __post_init__(self):
-        check_range("bitdelta", "bits", self.bits, 1, 8)
-        check_range("bitdelta", "scale", self.scale, 0.0, None, low_open=True)
+        check_range("multibit", "bits", self.bits, 1, 8)
+        check_range("multibit", "scale", self.scale, 0.0, None, low_open=True)
 
 
-class MagnitudeBlocks(RankPasses, LossyMethod):
-    """Not registered: ``bitdelta`` with ``bits >= 1`` delegates to it (same id, same arrays)."""
-
-    method_id = "bitdelta"
-    Params = BlocksParams
+class MultiBit(RankPasses, Encoding):
+    method_id = "multibit"
+    Params = MultiBitParams
     summary = "signs and 2^bits equal-count magnitude blocks per tensor, each at its mean (multi-bit BitDelta)"
 
-    def __init__(self, bits: int = 1, scale: float = 1.0, *, params: BlocksParams | None = None):
-        super().__init__(params, **({} if params is not None else {"bits": bits, "scale": scale}))
+    def __init__(self, params: MultiBitParams | None = None, **values):
+        super().__init__(params, **values)
         self.blocks = 1 << self.params.bits
         self.widths = ranks.digit_widths(self.blocks - 1)
 
