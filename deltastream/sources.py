@@ -29,24 +29,24 @@ import numpy as np
 
 from .artifact.manifest import Manifest, TensorEntry, load_manifest
 from .artifact.store import chunk_file, read_chunk, valid_len
-from .checkpoint import Checkpoint, TensorInfo, open_checkpoint, read_bits
+from .checkpoint import Checkpoint, TensorInfo, head_crc32c, open_checkpoint, read_bits
 from .checksum import crc32c
 from .dtypes import DType
 from .errors import CorruptChunkError, MismatchError, WrongBaseError, escape, tensor_context
-from .jobs.compress import head_crc32c
-from .jobs.tensors import read_pair_base
 from .methods import Method, StoredArray
 from .methods.base import ChunkContext
 from .plan import chunk_ranges
+from .scratch import scratch
 
-__all__ = ["Source", "CheckpointSource", "ArtifactSource", "Model", "open_model", "checkpoint_model", "is_artifact",
+__all__ = ["Readable", "Source", "CheckpointSource", "PaddedBase", "read_pair_base", "ArtifactSource", "Model", "open_model", "checkpoint_model", "is_artifact",
            "check_base", "artifact_sources"]
 
 
-class Source(Protocol):
-    """What a job reads a tensor through."""
+class Readable(Protocol):
+    """What a chunk task reads elements through: a source, or a fine-tune's padded base."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     @property
     def path(self) -> str: ...
@@ -54,10 +54,14 @@ class Source(Protocol):
     @property
     def dtype(self) -> DType: ...
 
+    def read(self, start: int, stop: int) -> np.ndarray: ...
+
+
+class Source(Readable, Protocol):
+    """What a job reads a model's tensor through."""
+
     @property
     def shape(self) -> tuple[int, ...]: ...
-
-    def read(self, start: int, stop: int) -> np.ndarray: ...
 
     def cropped(self, shape: tuple[int, ...]) -> Source: ...
 
@@ -90,6 +94,39 @@ class CheckpointSource:
     def cropped(self, shape: tuple[int, ...]) -> CheckpointSource:
         """The leading rows only (a vocabulary cropped to the base's): a prefix of the elements."""
         return CheckpointSource(replace(self.info, shape=shape, nbytes=math.prod(shape) * self.info.dtype.itemsize))
+
+
+def read_pair_base(base: TensorInfo | None, base_numel: int, start: int, stop: int, dtype: DType) -> np.ndarray:
+    """Base bits of elements [start, stop), zeros past the base's end (a grown or new tensor)."""
+    have = max(0, min(stop, base_numel) - start)
+    if base is not None and have == stop - start:
+        return read_bits(base, start, stop)
+    padded = scratch("read_pair.base", stop - start, dtype.bits)
+    padded[have:] = 0
+    if have:
+        padded[:have] = read_bits(base, start, start + have)
+    return padded
+
+
+@dataclass(frozen=True)
+class PaddedBase:
+    """The base of a fine-tune's tensor, read over the fine-tune's elements: those past the base's
+    end (a grown tensor), or all of them (a tensor new in the fine-tune, ``info`` None), read as 0."""
+
+    info: TensorInfo | None
+    numel: int  # the base's elements
+    dtype: DType  # the fine-tune's
+
+    @property
+    def name(self) -> str:
+        return self.info.name if self.info is not None else ""
+
+    @property
+    def path(self) -> str:
+        return self.info.path if self.info is not None else ""
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return read_pair_base(self.info, self.numel, start, stop, self.dtype)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ through chunk sources (nothing rebuilt on disk); the sparsifiers are registered 
 data); global_trim is TIES's whole-model trim; warnings are warnings."""
 
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -37,8 +38,10 @@ def test_the_plan_is_built_without_running(models):
     assert all(isinstance(t.parts[1], ArtifactSource) for t in plan.tensors)
     assert {type(j.method) for j in plan.jobs.values()} == {TopK} and len(plan.jobs) == 2 * len(SPECS)
     assert art in plan.inputs
-    tasks = plan.tasks(lambda name: ("nowhere", 0))
-    assert {t.name for t in tasks} == set(SPECS) and all(t.parts[0].ctx is not None for t in tasks)
+    tasks, inputs = plan.tasks(lambda name: ("nowhere", 0))
+    assert {t.name for t in tasks} == set(SPECS) and len(inputs) == len(SPECS)
+    assert all(inputs[t.inputs].parts[0].job is not None for t in tasks)
+    assert max(len(pickle.dumps(t)) for t in tasks) < 1024  # the models' sources and states are shared, by index
 
 
 def test_merge_reads_artifacts_without_writing_a_rebuilt_copy(models, monkeypatch):

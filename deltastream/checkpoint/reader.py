@@ -21,7 +21,7 @@ from ..errors import CheckpointError, escape, tensor_context
 from .header import MAX_HEADER_BYTES, Header, TensorInfo, load_json, open_regular, read_header
 from .sidefiles import find_side_files
 
-__all__ = ["Checkpoint", "open_checkpoint", "read_bits", "INDEX_NAME", "SINGLE_NAME"]
+__all__ = ["Checkpoint", "open_checkpoint", "read_bits", "head_crc32c", "INDEX_NAME", "SINGLE_NAME"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -160,3 +160,9 @@ def read_bits(info: TensorInfo, start: int, stop: int) -> np.ndarray:
     if ranges is not None:  # the CRC faults the pages in for the task: it costs the CRC alone
         ranges.append((info.path, info.name, begin, count * itemsize, crc32c(bits)))
     return bits
+
+
+def head_crc32c(info: TensorInfo, head_bytes: int) -> int:
+    """CRC of a tensor's first head_bytes: the cheap up-front check that a base is the right one."""
+    count = min(info.numel, max(1, head_bytes // info.dtype.itemsize))
+    return crc32c(read_bits(info, 0, count))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ..artifact import manifest as mf
 from ..artifact.store import create_arrays, tensor_key, write_chunk, write_root_attrs, write_side_files, \
     write_state_arrays
-from ..checkpoint import TensorInfo, open_checkpoint, read_bits
+from ..checkpoint import TensorInfo, head_crc32c, open_checkpoint, read_bits
 from ..checksum import crc32c
 from ..engine import RunOptions, job_output, run_reduce
 from ..errors import ParameterError
@@ -28,7 +28,7 @@ from ..plan import DEFAULT_CHUNK_BYTES, pair_tensors
 from ..policy import Policy
 from .tensors import TensorJob, batches, prepare_jobs, read_pair_base, run_stats_passes, with_state
 
-__all__ = ["compress", "compress_many", "CompressTask", "compress_chunk", "head_crc32c"]
+__all__ = ["compress", "compress_many", "CompressTask", "compress_chunk"]
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,6 @@ class CompressTask:
     def nbytes(self) -> int:
         c = self.targets[0].ctx
         return c.size * c.dtype.itemsize * (1 + len(self.targets))
-
-
-def head_crc32c(info: TensorInfo, head_bytes: int) -> int:
-    """CRC of a tensor's first head_bytes: the cheap up-front check that a base is the right one."""
-    count = min(info.numel, max(1, head_bytes // info.dtype.itemsize))
-    return crc32c(read_bits(info, 0, count))
 
 
 def compress_chunk(task: CompressTask, *states: dict) -> dict:

@@ -13,7 +13,9 @@ weighs a few hundred bytes even when the state is low rank's factor matrices.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 
@@ -25,9 +27,9 @@ from ..methods.base import ChunkContext, combine_partials, non_finite_error
 from ..methods.lossless import Lossless
 from ..plan import Chunk, TensorPlan
 from ..policy import Policy
-from ..scratch import scratch
+from ..sources import CheckpointSource, PaddedBase, Readable, read_pair_base
 
-__all__ = ["StatsTask", "TensorJob", "batches", "prepare_jobs", "read_pair", "read_pair_base", "run_stats_passes",
+__all__ = ["StatsJob", "StatsTask", "TensorJob", "batches", "prepare_jobs", "read_pair", "read_pair_base", "run_stats_passes",
            "stats_chunk", "tied_aliases", "with_state"]
 
 _EXACT = Lossless()
@@ -45,6 +47,17 @@ class TensorJob:
     @property
     def name(self) -> str:
         return self.plan.name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.plan.ft.shape
+
+    def sources(self) -> tuple[CheckpointSource, PaddedBase]:
+        """(fine-tune, base) as the stats passes read them."""
+        return CheckpointSource(self.plan.ft), PaddedBase(self.plan.base, self.plan.base_numel, self.plan.ft.dtype)
+
+    def contexts(self, seed: int) -> list[ChunkContext]:
+        return [self.context(c, seed, state=False) for c in self.plan.chunks()]
 
     def context(self, chunk: Chunk, seed: int, chunk_state: dict | None = None, device: str = "cpu", *,
                 state: bool = True) -> ChunkContext:
@@ -97,25 +110,30 @@ def read_pair(ft: TensorInfo, base: TensorInfo | None, base_numel: int, start: i
     return read_pair_base(base, base_numel, start, stop, ft.dtype), read_bits(ft, start, stop)
 
 
-def read_pair_base(base: TensorInfo | None, base_numel: int, start: int, stop: int, dtype) -> np.ndarray:
-    """Base bits of elements [start, stop), zeros past the base's end (a grown or new tensor)."""
-    have = max(0, min(stop, base_numel) - start)
-    if base is not None and have == stop - start:
-        return read_bits(base, start, stop)
-    padded = scratch("read_pair.base", stop - start, dtype.bits)
-    padded[have:] = 0
-    if have:
-        padded[:have] = read_bits(base, start, start + have)
-    return padded
+class StatsJob(Protocol):
+    """What the stats passes need of a tensor to edit: compress's and edit's TensorJob, merge's
+    SparsifierJob (one model's tensor, perhaps decoded from an artifact)."""
+
+    method: Method
+    state: dict
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def sources(self) -> tuple[Readable, Readable]: ...
+
+    def contexts(self, seed: int) -> list[ChunkContext]: ...
 
 
 @dataclass(frozen=True)
 class StatsTask:
-    ft: TensorInfo
-    base: TensorInfo | None
-    base_numel: int
+    ft: Readable
+    base: Readable
     method: Method
-    ctx: ChunkContext
+    ctx: ChunkContext  # without the state, which the task receives by reference
     pass_index: int  # -1: the post pass
     group: str
     state: int  # which of the graph's shared states is its tensor's
@@ -123,7 +141,7 @@ class StatsTask:
 
 def stats_chunk(task: StatsTask, state: dict):
     ctx = with_state(task.ctx, state)
-    base, ft = read_pair(task.ft, task.base, task.base_numel, ctx.start, ctx.stop)
+    base, ft = task.base.read(ctx.start, ctx.stop), task.ft.read(ctx.start, ctx.stop)
     delta = task.method.delta(base, ft, ctx)
     try:
         if task.pass_index < 0:
@@ -152,22 +170,21 @@ def batches(jobs: list[TensorJob], budget: int = STATE_BUDGET) -> list[list[Tens
     return out
 
 
-def run_stats_passes(jobs: list[TensorJob], seed: int, options: RunOptions, *, post: bool) -> None:
+def run_stats_passes(jobs: Sequence[StatsJob], seed: int, options: RunOptions, *, post: bool) -> None:
     """Run every pre pass (and the post pass if ``post``) of the lossy tensors, updating states."""
     lossy = [j for j in jobs if j.method.lossy]
-    passes = max((j.method.pre_passes(j.plan.ft.shape) for j in lossy), default=0)
+    passes = max((j.method.pre_passes(j.shape) for j in lossy), default=0)
     for i in list(range(passes)) + ([-1] if post else []):
-        todo = [j for j in lossy if (j.method.has_post_stats if i < 0 else i < j.method.pre_passes(j.plan.ft.shape))]
-        tasks = [StatsTask(j.plan.ft, j.plan.base, j.plan.base_numel, j.method, j.context(c, seed, state=False),
-                           i, j.name if i < 0 else j.method.stats_group(i, j.name), k)
-                 for k, j in enumerate(todo) for c in j.plan.chunks()]
+        todo = [j for j in lossy if (j.method.has_post_stats if i < 0 else i < j.method.pre_passes(j.shape))]
+        tasks = [StatsTask(*j.sources(), j.method, ctx, i, j.name if i < 0 else j.method.stats_group(i, j.name), k)
+                 for k, j in enumerate(todo) for ctx in j.contexts(seed)]
         if not tasks:
             continue
         label = "stats" if i >= 0 else "scales"
+        bytes_of = lambda t: t.ctx.size * t.ft.dtype.itemsize * 2  # noqa: E731
         combined = run_reduce(stats_chunk, tasks, group_of=lambda t: t.group, combine=combine_partials,
                               name=f"{label}-{i}" if i >= 0 else label, options=options,
-                              total_bytes=sum(j.plan.ft.nbytes * 2 for j in todo),
-                              bytes_of=lambda t: t.ctx.size * t.ft.dtype.itemsize * 2,
+                              total_bytes=sum(bytes_of(t) for t in tasks), bytes_of=bytes_of,
                               shared=[j.state for j in todo], uses=lambda t: (t.state,))
         for j in todo:
             if i < 0:

@@ -14,78 +14,87 @@ import numpy as np
 from ..checkpoint.writer import write_at
 from ..dtypes import DTYPES, from_float32, to_float32
 from ..exact import NonFinite
-from ..methods.base import ChunkContext, LossyMethod, non_finite_error
+from ..methods.base import non_finite_error
 from ..ranks import slices
 from ..sources import Source
 from .methods import MergeSpec, combine, linear
+from .passes import SparsifierJob
 
-__all__ = ["ModelPart", "MergeTask", "merge_chunk"]
+__all__ = ["ModelPart", "MergeInputs", "MergeTask", "merge_chunk"]
 
 
 @dataclass(frozen=True)
 class ModelPart:
     source: Source  # the model's tensor, cropped to the base's rows
     weight: float
-    method: LossyMethod | None
-    ctx: ChunkContext | None
+    job: SparsifierJob | None  # its sparsifier: method, state and the passes' chunking; None: kept whole
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """What every chunk task of one tensor reads: the base and each model's part. It is a node
+    of the graph that the tasks refer to, sent to a worker once (an artifact model's source
+    carries its state: lowrank's factors are megabytes)."""
+
+    base: Source
+    parts: tuple[ModelPart, ...]
 
 
 @dataclass(frozen=True)
 class MergeTask:
     name: str
-    base: Source
+    inputs: int  # which of the graph's shared MergeInputs is its tensor's
+    index: int  # the chunk, in the sparsifiers' chunking
     start: int
     stop: int
-    parts: tuple[ModelPart, ...]
+    nbytes: int  # the input bytes the task reads (progress)
     spec: MergeSpec | None  # None: copied from the base (not a float tensor)
     linear: bool
     normalize: bool
     lam: float
     official: bool
+    seed: int
     out_dtype: str
     out_path: str
     out_offset: int
-
-    @property
-    def nbytes(self) -> int:
-        """The input bytes the task reads (progress)."""
-        return (len(self.parts) + 1) * (self.stop - self.start) * self.base.dtype.itemsize
 
 
 def _f32(source: Source, start: int, stop: int) -> np.ndarray:
     return to_float32(source.read(start, stop), source.dtype, out=np.empty(stop - start, np.float32))
 
 
-def merge_chunk(task: MergeTask) -> None:
+def merge_chunk(task: MergeTask, inputs: MergeInputs) -> None:
     s, e = task.start, task.stop
     if task.spec is None:
-        out = task.base.read(s, e)
+        out = inputs.base.read(s, e)
     else:
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite values are carried element-wise
-            out = _merged_bits(task, s, e)
+            out = _merged_bits(task, inputs, s, e)
     write_at(task.out_path, task.out_offset + s * out.itemsize, out, task.name)
 
 
-def _sparsified(part: ModelPart, base: np.ndarray, task: MergeTask, s: int, e: int) -> np.ndarray:
+def _sparsified(part: ModelPart, base: np.ndarray, task: MergeTask, inputs: MergeInputs) -> np.ndarray:
+    s, e = task.start, task.stop
     delta = _f32(part.source, s, e)
     delta -= base
-    if part.method is None:
+    if part.job is None:
         return delta
+    ctx = part.job.context(task.index, task.seed)
     try:  # sparsifiers edit in place
-        return part.method.edit_delta(delta, part.ctx)
+        return part.job.method.edit_delta(delta, ctx)
     except NonFinite:
-        raise non_finite_error(part.method, part.ctx, part.source, task.base, part.source.read(s, e),
-                               task.base.read(s, e)) from None
+        raise non_finite_error(part.job.method, ctx, part.source, inputs.base, part.source.read(s, e),
+                               inputs.base.read(s, e)) from None
 
 
-def _merged_bits(task: MergeTask, s: int, e: int) -> np.ndarray:
+def _merged_bits(task: MergeTask, inputs: MergeInputs, s: int, e: int) -> np.ndarray:
     """The merged output of elements [s, e) of a float tensor, as the output dtype's bits."""
-    weights = [p.weight for p in task.parts]
+    weights = [p.weight for p in inputs.parts]
     if task.linear:
-        merged = linear([_f32(p.source, s, e) for p in task.parts], weights, task.normalize)
+        merged = linear([_f32(p.source, s, e) for p in inputs.parts], weights, task.normalize)
     else:
-        base = _f32(task.base, s, e)
-        deltas = [_sparsified(part, base, task, s, e) for part in task.parts]
+        base = _f32(inputs.base, s, e)
+        deltas = [_sparsified(part, base, task, inputs) for part in inputs.parts]
         # combined a slice at a time: the temporaries stay small and in cache
         for a, b in slices(e - s):
             base[a:b] = combine(base[a:b], [d[a:b] for d in deltas], weights, task.spec,

@@ -23,11 +23,11 @@ from contextlib import contextmanager
 from .._version import __version__
 from ..checkpoint import CheckpointWriter, OutputTensor
 from ..engine import RunOptions, job_output, run_tasks
+from ..jobs.tensors import run_stats_passes
 from ..methods.base import NonFiniteDelta
 from ..plan import DEFAULT_CHUNK_BYTES
 from .chunk import MergeTask, merge_chunk
 from .outputs import model_card, write_config_and_card, write_side_files
-from .passes import run_passes
 from .plan import MergePlan, build_plan
 
 __all__ = ["merge", "execute", "MergeTask", "merge_chunk", "model_card"]
@@ -51,16 +51,16 @@ def merge(config: str, out: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, memo
 def execute(plan: MergePlan, folder: str, max_shard_size: int, resume: bool, options: RunOptions) -> None:
     """The stats passes, then the write pass, into the partial output ``folder``."""
     with _non_finite_remedy(plan.cfg.method):
-        run_passes(list(plan.jobs.values()), plan.seed, options)
+        run_stats_passes(list(plan.jobs.values()), plan.seed, options, post=True)
     outputs = [OutputTensor(t.name, t.out_dtype, t.base.shape) for t in plan.tensors]
     metadata = {"deltastream_merge": plan.cfg.method, "deltastream_seed": str(plan.seed),
                 "deltastream_version": __version__}
     writer = CheckpointWriter(folder, outputs, max_shard_size, metadata)
     writer.create(keep_existing=resume, journal=options.journal)
-    tasks = plan.tasks(writer.location)
+    tasks, inputs = plan.tasks(writer.location)
     with _non_finite_remedy(plan.cfg.method):
         run_tasks(merge_chunk, tasks, name="merge", options=options, total_bytes=sum(t.nbytes for t in tasks),
-                  bytes_of=lambda t: t.nbytes)
+                  bytes_of=lambda t: t.nbytes, shared=inputs, uses=lambda t: (t.inputs,))
     write_side_files(folder, plan.reference.side_files, plan.cfg.out_dtype or plan.cfg.dtype)
 
 

@@ -23,7 +23,7 @@ from ..errors import DeltastreamWarning, MismatchError, ParameterError, tensor_c
 from ..plan import chunk_elements, chunk_ranges
 from ..policy import DEFAULT_KEEP_EXACT
 from ..sources import Model, Source, checkpoint_model, is_artifact, open_model
-from .chunk import MergeTask, ModelPart
+from .chunk import MergeInputs, MergeTask, ModelPart
 from .config import MergeConfig, load_merge_config, resolve
 from .methods import GLOBAL, MERGE_METHODS, PER_MODEL, MergeSpec
 from .passes import SparsifierJob
@@ -75,23 +75,27 @@ class MergePlan:
     seed: int
     inputs: list[str]  # every file read: what the output must never overwrite
 
-    def tasks(self, location) -> list[MergeTask]:
-        """The write pass: every chunk of every tensor, placed by ``location(name)``."""
-        return [task for t in self.tensors for task in self._tensor_tasks(t, *location(t.name))]
+    def tasks(self, location) -> tuple[list[MergeTask], list[MergeInputs]]:
+        """The write pass: every chunk of every tensor, placed by ``location(name)``, and each
+        tensor's inputs, which its tasks refer to by index (a node of the graph each)."""
+        inputs = [self._inputs(t) for t in self.tensors]
+        tasks = [task for k, t in enumerate(self.tensors) for task in self._tensor_tasks(t, k, inputs[k],
+                                                                                          *location(t.name))]
+        return tasks, inputs
 
-    def _tensor_tasks(self, t: TensorMerge, path: str, offset: int) -> list[MergeTask]:
+    def _inputs(self, t: TensorMerge) -> MergeInputs:
         jobs = [self.jobs.get((m.model, t.name)) for m in self.cfg.models]
-        first = next((j for j in jobs if j is not None), None)  # the passes' chunking (ranks and masks follow it)
+        return MergeInputs(t.base, tuple(ModelPart(s, w, j) for s, w, j in zip(t.parts, t.weights, jobs)))
+
+    def _tensor_tasks(self, t: TensorMerge, k: int, inputs: MergeInputs, path: str, offset: int) -> list[MergeTask]:
+        first = next((p.job for p in inputs.parts if p.job is not None), None)  # ranks and masks follow its chunking
         chunk = first.chunk_elems if first else chunk_elements(t.base.shape, t.base.dtype.itemsize, self.chunk_bytes)
-        merged = t.base.dtype.computable
-        tasks = []
-        for index, (start, stop) in enumerate(chunk_ranges(math.prod(t.base.shape), chunk)):
-            parts = tuple(ModelPart(s, w, j.method if j else None, j.context(index, self.seed) if j else None)
-                          for s, w, j in zip(t.parts, t.weights, jobs))
-            tasks.append(MergeTask(t.name, t.base, start, stop, parts, self.spec if merged else None,
-                                   self.cfg.method == "linear", self.flags.normalize, self.flags.lam,
-                                   self.flags.official, t.out_dtype, path, offset))
-        return tasks
+        spec = self.spec if t.base.dtype.computable else None
+        reads = (len(inputs.parts) + 1) * t.base.dtype.itemsize
+        return [MergeTask(t.name, k, index, start, stop, reads * (stop - start), spec, self.cfg.method == "linear",
+                          self.flags.normalize, self.flags.lam, self.flags.official, self.seed, t.out_dtype, path,
+                          offset)
+                for index, (start, stop) in enumerate(chunk_ranges(math.prod(t.base.shape), chunk))]
 
 
 def build_plan(config: str, *, chunk_bytes: int, memory: int, seed: int, strict: bool,
