@@ -9,11 +9,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import struct
 
 import pytest
 
 import deltastream as ds
+from common import read_raw
+
 from deltastream.methods import method_from_config
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
@@ -41,17 +42,7 @@ def manifest(art: str) -> dict:
 
 
 def tensor_sha256(folder: str) -> dict[str, str]:
-    out = {}
-    for fname in sorted(os.listdir(folder)):
-        if fname.endswith(".safetensors"):
-            with open(os.path.join(folder, fname), "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-                data = f.read()
-            header.pop("__metadata__", None)
-            for name, e in header.items():
-                out[name] = hashlib.sha256(data[e["data_offsets"][0]:e["data_offsets"][1]]).hexdigest()
-    return dict(sorted(out.items()))
+    return {name: hashlib.sha256(raw).hexdigest() for name, (_, _, raw) in sorted(read_raw(folder).items())}
 
 
 def stored_files(art: str) -> dict[str, bytes]:
