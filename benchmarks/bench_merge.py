@@ -1,6 +1,7 @@
 """Merging, ours against mergekit on the same inputs, and batch compression.
 
     python benchmarks/bench_merge.py --size 0.5B
+    python benchmarks/bench_merge.py --size 0.5B --pair ties-heavy --repeat 2
 
 Inputs: a synthetic Llama-shaped bf16 base and two fine-tunes of it (``deltastream.synthetic``,
 variants 0 and 1). For task_arithmetic, ties and dare_ties (density 0.5): our wall time and
@@ -8,6 +9,12 @@ peak RssAnon (summed over the process tree), and, when mergekit is installed (th
 ``compare`` extra; never a test dependency), mergekit's on the same config in the same run, their
 ratios, and the largest difference between the two outputs. Then batch compression: one
 ``compress`` of 4 fine-tunes against the time of one. Writes benchmarks/results/bench_merge_<size>.md.
+
+``--pair ties-heavy``: TIES of three fine-tunes whose every element is 1-4 bf16 ulps off the base
+(``write_pair(ulps=4)``, embeddings included): |delta| takes a few values per exponent, so most
+elements tie with the trim threshold, as in real bf16 fine-tunes; the exact top-k's worst case.
+Writes benchmarks/results/bench_merge_<size>_ties-heavy.md (no batch compression section).
+``--repeat N`` runs each merge N times (both tools, alternating) and reports every run.
 """
 
 from __future__ import annotations
@@ -29,6 +36,11 @@ from deltastream.dtypes import to_float32  # noqa: E402
 from deltastream.synthetic import write_pair  # noqa: E402
 
 METHODS = {"task_arithmetic": "", "ties": ", density: 0.5", "dare_ties": ", density: 0.5"}
+TIE_ULPS = 4  # the tie-heavy pair: deltas of 1..4 bf16 ulps
+PAIRS = {  # --pair: (merge methods, fine-tunes merged, the pairs' ulps)
+    "default": (list(METHODS), 2, 0),
+    "ties-heavy": (["ties"], 3, TIE_ULPS),
+}
 
 
 def config(path: str, method: str, base: str, fts: list[str]) -> str:
@@ -63,66 +75,82 @@ def max_difference(a: str, b: str) -> float:
     return worst
 
 
+def merge_both(work: str, method: str, base: str, fts: list[str], mergekit: str | None) -> dict:
+    """One merge by us, then by mergekit (if given) on the same config and warm inputs."""
+    cfg = config(os.path.join(work, f"{method}.yaml"), method, os.path.abspath(base), [os.path.abspath(f) for f in fts])
+    warm([base, *fts])
+    ours = run_tracked([os.path.join(os.path.dirname(sys.executable), "deltastream"), "merge", cfg,
+                        "-o", os.path.join(work, "ours"), "-q", "--overwrite"])
+    if ours.returncode:
+        raise SystemExit(ours.stderr)
+    row = {"method": method, "ours_s": ours.wall_s, "ours_rss": ours.peak_rss_anon}
+    if mergekit:
+        warm([base, *fts])
+        theirs = run_tracked([mergekit, cfg, os.path.join(work, "mergekit"), "--random-seed", "0",
+                              "--allow-crimes", "--lazy-unpickle"])
+        if theirs.returncode:
+            raise SystemExit(theirs.stderr[-2000:])
+        row.update(mk_s=theirs.wall_s, mk_rss=theirs.peak_rss_anon,
+                   diff=max_difference(os.path.join(work, "ours"), os.path.join(work, "mergekit")))
+        shutil.rmtree(os.path.join(work, "mergekit"))
+    shutil.rmtree(os.path.join(work, "ours"))
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="0.5B")
     ap.add_argument("--data", default="bench-data")
+    ap.add_argument("--pair", default="default", choices=sorted(PAIRS),
+                    help="ties-heavy: TIES of 3 fine-tunes with deltas of 1-4 bf16 ulps (many tied magnitudes)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each merge (machine noise)")
     args = ap.parse_args()
-    folders = [os.path.join(args.data, args.size)] + [os.path.join(args.data, f"{args.size}-v{v}") for v in (1, 2, 3)]
-    pairs = [write_pair(f, args.size, variant=v) for v, f in enumerate(folders)]
+    methods, merged, ulps = PAIRS[args.pair]
+    stem = f"{args.size}-ulps{ulps}" if ulps else args.size
+    folders = [os.path.join(args.data, stem)] + [os.path.join(args.data, f"{stem}-v{v}") for v in (1, 2, 3)]
+    pairs = [write_pair(f, args.size, variant=v, ulps=ulps) for v, f in enumerate(folders[:merged if ulps else 4])]
     base, fts = pairs[0][0], [p[1] for p in pairs]
-    work = os.path.join(args.data, f"merge-{args.size}")
+    work = os.path.join(args.data, f"merge-{stem}")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
-    exe = os.path.dirname(sys.executable)
-    mergekit = os.path.join(exe, "mergekit-yaml")
-    has_mergekit = os.path.exists(mergekit)
+    mergekit = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
     rows = []
-    for method in METHODS:
-        cfg = config(os.path.join(work, f"{method}.yaml"), method, os.path.abspath(base),
-                     [os.path.abspath(f) for f in fts[:2]])
-        warm([base, *fts[:2]])
-        ours = run_tracked([os.path.join(exe, "deltastream"), "merge", cfg, "-o", os.path.join(work, "ours"), "-q",
-                            "--overwrite"])
-        if ours.returncode:
-            raise SystemExit(ours.stderr)
-        row = {"method": method, "ours_s": ours.wall_s, "ours_rss": ours.peak_rss_anon}
-        if has_mergekit:
-            warm([base, *fts[:2]])
-            theirs = run_tracked([mergekit, cfg, os.path.join(work, "mergekit"), "--random-seed", "0",
-                                  "--allow-crimes", "--lazy-unpickle"])
-            if theirs.returncode:
-                raise SystemExit(theirs.stderr[-2000:])
-            row.update(mk_s=theirs.wall_s, mk_rss=theirs.peak_rss_anon,
-                       diff=max_difference(os.path.join(work, "ours"), os.path.join(work, "mergekit")))
-            shutil.rmtree(os.path.join(work, "mergekit"))
-        shutil.rmtree(os.path.join(work, "ours"))
-        rows.append(row)
-        print(row, flush=True)
-    ds_exe = os.path.join(exe, "deltastream")
-    warm([base, *fts])
-    one = run_tracked([ds_exe, "compress", base, fts[0], "-o", os.path.join(work, "one.dsz"), "-q"])
-    four = run_tracked([ds_exe, "compress", base, *fts, "-o", os.path.join(work, "four"), "-q"])
+    for method in methods:
+        for _ in range(args.repeat):
+            rows.append(merge_both(work, method, base, fts[:merged], mergekit if os.path.exists(mergekit) else None))
+            print(rows[-1], flush=True)
+    batch = None
+    if not ulps:
+        ds_exe = os.path.join(os.path.dirname(sys.executable), "deltastream")
+        warm([base, *fts])
+        batch = (run_tracked([ds_exe, "compress", base, fts[0], "-o", os.path.join(work, "one.dsz"), "-q"]),
+                 run_tracked([ds_exe, "compress", base, *fts, "-o", os.path.join(work, "four"), "-q"]))
     shutil.rmtree(work, ignore_errors=True)
 
     def f(x, fmt):
         return "-" if x is None else fmt.format(x)
 
-    lines = [f"# Merging the {args.size}-shaped bf16 base + 2 fine-tunes", "", "```",
-             f"python benchmarks/bench_merge.py --size {args.size}", "```", "",
+    title = (f"# Merging the {args.size}-shaped bf16 base + 2 fine-tunes" if not ulps else
+             f"# TIES of three tie-heavy fine-tunes (deltas of 1-{ulps} bf16 ulps) of the {args.size}-shaped bf16 base")
+    flags = (f" --pair {args.pair}" if ulps else "") + (f" --repeat {args.repeat}" if args.repeat > 1 else "")
+    lines = [title, "", "```", f"python benchmarks/bench_merge.py --size {args.size}{flags}", "```", "",
              "| method | ours s | mergekit s | ours / mergekit time | ours RssAnon | mergekit RssAnon "
              "| ours / mergekit memory | max abs difference |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mk = r.get("mk_s")
-        lines.append(f"| {r['method']} | {r['ours_s']:.1f} | {f(mk, '{:.1f}')} | {f(mk and r['ours_s'] / mk, '{:.2f}')} "
-                     f"| {r['ours_rss'] / 2**20:.0f} MiB | {f(r.get('mk_rss') and r['mk_rss'] / 2**20, '{:.0f} MiB')} "
-                     f"| {f(r.get('mk_rss') and r['ours_rss'] / r['mk_rss'], '{:.2f}')} | {f(r.get('diff'), '{:.3g}')} |")
-    lines += ["", f"Batch compression (lossless): one fine-tune {one.wall_s:.1f} s; four fine-tunes in one command "
-              f"{four.wall_s:.1f} s = **{four.wall_s / one.wall_s:.2f}x** the time of one "
-              f"(peak RssAnon {one.peak_rss_anon / 2**20:.0f} / {four.peak_rss_anon / 2**20:.0f} MiB)."]
+        mk_rss = r.get("mk_rss")
+        lines.append(f"| {r['method']} | {r['ours_s']:.1f} | {f(mk, '{:.1f}')} "
+                     f"| {f(mk and r['ours_s'] / mk, '{:.2f}')} | {r['ours_rss'] / 2**20:.0f} MiB "
+                     f"| {f(mk_rss and mk_rss / 2**20, '{:.0f} MiB')} "
+                     f"| {f(mk_rss and r['ours_rss'] / mk_rss, '{:.2f}')} | {f(r.get('diff'), '{:.3g}')} |")
+    if batch:
+        one, four = batch
+        lines += ["", f"Batch compression (lossless): one fine-tune {one.wall_s:.1f} s; four fine-tunes in one command "
+                  f"{four.wall_s:.1f} s = **{four.wall_s / one.wall_s:.2f}x** the time of one "
+                  f"(peak RssAnon {one.peak_rss_anon / 2**20:.0f} / {four.peak_rss_anon / 2**20:.0f} MiB)."]
     text = "\n".join(lines) + "\n"
     os.makedirs("benchmarks/results", exist_ok=True)
-    with open(f"benchmarks/results/bench_merge_{args.size}.md", "w") as fh:
+    with open(f"benchmarks/results/bench_merge_{args.size}{'_' + args.pair if ulps else ''}.md", "w") as fh:
         fh.write(text)
     print(text)
     print(f"(generated at {time.strftime('%Y-%m-%d %H:%M')})")

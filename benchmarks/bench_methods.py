@@ -1,6 +1,7 @@
 """Per-method compression, speed and memory on a synthetic Llama-shaped bf16 pair.
 
     python benchmarks/bench_methods.py --size 1B
+    python benchmarks/bench_methods.py --size 0.5B --pair ties-heavy
 
 For each method configuration: the stored size and ratio against the bf16 fine-tune, on the
 edited linear weights (the tensors the method edits, array metadata included) and on the whole
@@ -8,6 +9,10 @@ artifact (with the tensors kept exact); compress and edit wall time as a ratio o
 read their inputs (``cat`` to /dev/null, page cache warm, in the same run); peak RssAnon of
 compress and edit (summed over the process tree, sampled every 20 ms). Writes a markdown table to
 benchmarks/results/bench_methods_<size>.md.
+
+``--pair ties-heavy``: the methods that rank |delta| (trim, multi-bit BitDelta) on a fine-tune
+whose every element is 1-4 bf16 ulps off the base (``write_pair(ulps=4)``): most magnitudes tie
+with a threshold, the rank passes' worst case. Writes bench_methods_<size>_ties-heavy.md.
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ RUNS = [
     ("lossless", []),
     ("dare", ["p=0.9"]),
     ("bitdelta", []),
-    ("bitdelta", ["bits=2"]),
+    ("multibit", ["bits=2"]),
     ("dare_bitdelta", ["p=0.9"]),
     ("lowrank", ["rank_fraction=0.1"]),
 ]
 EDIT_ONLY = [("trim", ["density=0.2"]), ("extrapolate", ["alpha=0.3"])]
+TIE_ULPS = 4  # the tie-heavy pair: deltas of 1..4 bf16 ulps
+RANKED = [("multibit", ["bits=2"]), ("trim", ["density=0.2"])]  # what --pair ties-heavy runs
 
 
 def cat_time(folders: list[str]) -> float:
@@ -50,9 +57,12 @@ def main() -> None:
     ap.add_argument("--size", default="1B", choices=sorted(SHAPES))
     ap.add_argument("--data", default="bench-data")
     ap.add_argument("--methods", nargs="*", default=None, help="only these method names")
+    ap.add_argument("--pair", default="default", choices=("default", "ties-heavy"),
+                    help="ties-heavy: deltas of 1-4 bf16 ulps (many tied magnitudes), the ranking methods only")
     args = ap.parse_args()
-    pair = os.path.join(args.data, args.size)
-    base, ft = write_pair(pair, SHAPES[args.size], seed=0)
+    ulps = TIE_ULPS if args.pair == "ties-heavy" else 0
+    pair = os.path.join(args.data, f"{args.size}-ulps{ulps}" if ulps else args.size)
+    base, ft = write_pair(pair, SHAPES[args.size], seed=0, ulps=ulps)
     work = os.path.join(pair, "methods")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
@@ -61,7 +71,7 @@ def main() -> None:
     rows = []
     from deltastream.methods import METHODS
 
-    for name, params in RUNS + EDIT_ONLY:
+    for name, params in (RANKED if ulps else RUNS + EDIT_ONLY):
         if name not in METHODS or (args.methods and name not in args.methods):
             continue
         flags = ["--method", name] + [x for p in params for x in ("-p", p)]
@@ -93,8 +103,10 @@ def main() -> None:
     def f(x, fmt):
         return "-" if x is None else fmt.format(x)
 
-    lines = [f"# Methods on the {args.size}-shaped bf16 pair", "", "```", f"python benchmarks/bench_methods.py "
-             f"--size {args.size}", "```", "",
+    kind = f" tie-heavy (deltas of 1-{ulps} bf16 ulps)" if ulps else ""
+    flags = f" --pair {args.pair}" if ulps else ""
+    lines = [f"# Methods on the {args.size}-shaped{kind} bf16 pair", "", "```", f"python benchmarks/bench_methods.py "
+             f"--size {args.size}{flags}", "```", "",
              f"Reading the inputs (base + fine-tune, `cat` to /dev/null, page cache warm): {read_s:.2f} s.", "",
              "| method | ratio, linear weights | ratio, whole artifact | compress s | compress speed / read "
              "| compress RssAnon | edit s | edit speed / read | edit RssAnon |",
@@ -107,7 +119,7 @@ def main() -> None:
             f"| {read_s / r['edit_s']:.3f} | {r['edit_rss'] / 2**20:.0f} MiB |")
     text = "\n".join(lines) + "\n"
     os.makedirs("benchmarks/results", exist_ok=True)
-    with open(f"benchmarks/results/bench_methods_{args.size}.md", "w") as fh:
+    with open(f"benchmarks/results/bench_methods_{args.size}{'_' + args.pair if ulps else ''}.md", "w") as fh:
         fh.write(text)
     print(text)
 

@@ -15,9 +15,9 @@ as the numpy definitions they replace (tests/test_kernels.py checks each against
   method's output: base + edited delta, rounded);
 * :func:`select` - np.where of two float32 scalars (signs, multipliers);
 * :func:`consensus_add` - one model's term of a TIES sign-consensus merge;
-* :func:`count_high`, :func:`gather_candidates`, :func:`below_and_near`,
-  :func:`zero_outside_block`, :func:`block_split_sums` - the per-element steps of the exact rank
-  passes (ranks.py), of TIES' trim and of multi-bit BitDelta's block sums.
+* :func:`count_high`, :func:`zero_outside_block`, :func:`block_split_sums` - the first-digit
+  histogram of the exact rank passes (ranks.py; their other steps are rank_kernels.py), and
+  multi-bit BitDelta's block steps.
 
 A method's own kernels live next to it (methods/dare_kernels.py, methods/bitdelta_kernels.py)
 and are registered as its "numba" implementations (methods/backends.py); the steps here, and the
@@ -36,7 +36,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 __all__ = ["split_sums", "row_split_sums", "block_split_sums", "draws", "bf16_delta", "bf16_round",
-           "bf16_add_round", "select", "consensus_add", "count_high", "gather_candidates", "below_and_near",
+           "bf16_add_round", "select", "consensus_add", "count_high",
            "zero_outside_block", "SEGMENT"]
 
 _U32 = np.uint64(0xFFFFFFFF)
@@ -105,7 +105,8 @@ def _parts(bits, weight):
     mant = ((a & 0x7FFFFF) | (np.int64(e > 0) << 23)) * weight
     s = max(e, 1) - GRID_SHIFT  # |x| = mant * 2^s grid units
     # every shift is clamped to the range that non-big values use (no shift past the word)
-    high = (mant >> min(max(_LOW_BITS - s, 0), 63)) << min(max(s - _LOW_BITS, 0), _BIG_EXPONENT - GRID_SHIFT - _LOW_BITS - 1)
+    high = ((mant >> min(max(_LOW_BITS - s, 0), 63))
+            << min(max(s - _LOW_BITS, 0), _BIG_EXPONENT - GRID_SHIFT - _LOW_BITS - 1))
     low = ((mant << min(max(s, 0), _LOW_BITS)) >> min(max(-s, 0), 63)) & _LOW_MASK
     return high, low, np.int64(e >= _BIG_EXPONENT) * weight
 
@@ -195,30 +196,6 @@ def count_high(bits, hist):
     """hist[b >> 16] += 1 for every uint32 b (ranks' first-digit histogram)."""
     for i in range(bits.size):
         hist[bits[i] >> np.uint32(16)] += 1
-
-
-@_jit
-def gather_candidates(bits, candidate, out):
-    """out[:k] = the elements whose high 16 bits are a candidate bin, in order; returns k."""
-    k = 0
-    for i in range(bits.size):
-        b = bits[i]
-        out[k] = b
-        k += np.int64(candidate[b >> np.uint32(16)])
-    return k
-
-
-@_jit
-def below_and_near(bits, lower, inside, below, near):
-    """below[i] = lower[high bin of element i]; near[:k] = the positions whose high bin holds a
-    threshold (those need a finer look); returns k."""
-    k = 0
-    for i in range(bits.size):
-        h = bits[i] >> np.uint32(16)
-        below[i] = lower[h]
-        near[k] = i
-        k += np.int64(inside[h])
-    return k
 
 
 @_jit

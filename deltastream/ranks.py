@@ -23,6 +23,11 @@ found exactly by a few passes, each a small per-chunk partial that adds up in an
 Then ``assign(bits, search, offsets)`` gives each element its block: block b holds the ranks in
 [r_b, r_{b+1}) (r_0 = 0, r_{m+1} = n), so every block count is exact, whatever the chunking.
 
+The per-element steps are numba kernels (``rank_kernels``), one pass over a chunk each with
+branch-free searches over the few thresholds: real bf16 deltas, whose magnitudes mostly tie with
+a threshold, cost no more than any others (numpy's gather, search and sort of the tied elements
+took 80% of a TIES merge on them).
+
 A NaN or infinite magnitude has no rank: the first histogram sees it in its top bins (bit
 patterns from 0x7F800000) and raises ``exact.NonFinite``, at the cost of looking at 128 counts.
 """
@@ -31,7 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import kernels
+from . import kernels, rank_kernels
 from .exact import NonFinite
 
 __all__ = ["magnitude_bits", "digit_widths", "new_search", "histogram", "refine", "thresholds", "tie_values",
@@ -39,7 +44,7 @@ __all__ = ["magnitude_bits", "digit_widths", "new_search", "histogram", "refine"
 
 FIRST = 16  # the first digit: a 65536-bin histogram of every element
 _NON_FINITE_BIN = 0x7F80  # high 16 bits of the float32 infinity: it and every NaN bin at or above
-SLICE = 1 << 20  # elements per step inside a chunk: bounds the int64 temporaries (8 MiB)
+SLICE = 1 << 20  # elements per step inside a chunk, for callers' temporaries (8 MiB of int64)
 MAX_ROW_BYTES = 4 << 20  # refinement rows of 2^16 counts while they fit in this
 
 
@@ -92,15 +97,8 @@ def histogram(bits: np.ndarray, search: dict | None = None) -> np.ndarray:
         return hist
     candidate = np.zeros(1 << FIRST, bool)  # high bins holding a row's prefix: skip the rest fast
     candidate[rows >> (32 - shift_prev - FIRST)] = True
-    picked = np.empty(min(bits.size, SLICE), np.uint32)
-    for s, e in slices(bits.size):
-        b = picked[: kernels.gather_candidates(bits[s:e], candidate, picked)]
-        prefix = b >> shift_prev
-        row = np.minimum(np.searchsorted(rows, prefix), rows.size - 1)
-        hit = rows[row] == prefix
-        if hit.any():
-            key = (row[hit] << width) | ((b[hit] >> shift) & ((1 << width) - 1))
-            hist += np.bincount(key, minlength=hist.size).reshape(hist.shape)
+    rank_kernels.digit_histogram(bits, candidate, rows, np.uint32(shift_prev), np.uint32(shift),
+                                 np.uint32((1 << width) - 1), hist)
     return hist
 
 
@@ -141,39 +139,34 @@ def tie_values(search: dict) -> np.ndarray:
 
 
 class Cut:
-    """A finished search made fast to apply: the thresholds, and per high-16-bit bin how many
-    thresholds lie in lower bins and whether one lies in it (only those elements need a search)."""
+    """A finished search made fast to apply (``rank_kernels``): the thresholds t and their
+    distinct ``values``; ``value_of[j]``, the index of t[j] in ``values``; ``first[v]:first[v + 1]``,
+    the thresholds equal to values[v] (their ``below`` ascending, as their ranks)."""
 
     def __init__(self, search: dict):
         self.t, self.below = thresholds(search)
         self.values = np.unique(self.t)
-        high = self.t >> (32 - FIRST)
-        self.lower = np.searchsorted(high, np.arange(1 << FIRST), side="left").astype(np.intp)
-        self.inside = np.zeros(1 << FIRST, bool)
-        self.inside[high] = True
+        self.value_of = np.searchsorted(self.values, self.t).astype(np.intp)
+        self.first = np.append(np.searchsorted(self.t, self.values, side="left"), self.t.size).astype(np.intp)
 
 
 def classify(bits: np.ndarray, cut: Cut) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(how many thresholds are below each element; the positions of the elements equal to a
     threshold value, ascending; the index of that value in ``cut.values``)."""
+    if cut.t.size == 0:
+        return np.zeros(bits.size, np.intp), np.zeros(0, np.intp), np.zeros(0, np.intp)
     below = np.empty(bits.size, np.intp)
-    near = np.empty(bits.size, np.intp)
-    near = near[: kernels.below_and_near(bits, cut.lower, cut.inside, below, near)]
-    if near.size == 0:
-        return below, near, near
-    b = bits[near]
-    below[near] = np.searchsorted(cut.t, b, side="left")
-    k = np.minimum(np.searchsorted(cut.values, b), cut.values.size - 1)
-    tied = cut.values[k] == b
-    return below, near[tied], k[tied]
+    tied = np.empty(bits.size, np.intp)
+    which = np.empty(bits.size, np.intp)
+    k = rank_kernels.classify_into(bits, cut.t, cut.value_of, below, tied, which)
+    return below, tied[:k], which[:k]
 
 
 def tie_partial(bits: np.ndarray, search: dict, chunk_id: tuple) -> dict:
     """Pass partial: this chunk's count of elements equal to each tie value, with its id."""
     cut = Cut(search)
     counts = np.zeros(cut.values.size, np.int64)
-    for s, e in slices(bits.size):
-        counts += np.bincount(classify(bits[s:e], cut)[2], minlength=cut.values.size)
+    rank_kernels.count_ties(bits, cut.values, counts)
     return tie_record(chunk_id, counts)
 
 
@@ -208,22 +201,13 @@ def assign(bits: np.ndarray, search: dict, offsets: np.ndarray, out: np.ndarray 
     """The block of each element of a chunk, given the chunk's row of ``tie_offsets``: the number
     of boundaries whose rank is <= the element's rank (uint8, or uint16 past 255 boundaries)."""
     cut = Cut(search)
-    belows = [np.array([b for v, b in zip(cut.t, cut.below) if v == value], np.int64) for value in cut.values]
     if out is None:
         out = np.empty(bits.size, np.uint8 if cut.t.size < 256 else np.uint16)
-    running = np.array(offsets, np.int64).reshape(cut.values.size)
-    for s, e in slices(bits.size):
-        blocks, hit, k = classify(bits[s:e], cut)
-        if hit.size:  # tied elements: their place among the equal values decides
-            order = np.argsort(k.astype(np.uint16), kind="stable")  # radix: by value, positions ascending
-            counts = np.bincount(k, minlength=cut.values.size)
-            first = 0
-            for v in np.flatnonzero(counts):
-                idx = hit[order[first:first + counts[v]]]
-                blocks[idx] += np.searchsorted(belows[v], running[v] + np.arange(idx.size), side="right")
-                running[v] += idx.size
-                first += counts[v]
-        out[s:e] = blocks
+    if cut.t.size == 0:  # no active boundary: every element is in block 0
+        out[:bits.size] = 0
+        return out
+    running = np.array(offsets, np.int64).reshape(cut.values.size)  # a copy: the kernel counts on in it
+    rank_kernels.assign_blocks(bits, cut.t, cut.value_of, cut.first, np.array(cut.below, np.int64), running, out)
     return out
 
 

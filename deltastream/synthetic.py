@@ -17,6 +17,9 @@ Data model (deterministic given ``seed``; independent of ``workers``):
 * RMSNorm weights: base ``1 + N(0, 0.02)``, delta ``N(0, noise_std)``; one bf16 ulp at 1.0 is
   7.8e-3, so nearly all of these deltas vanish in bf16.
 * Both are rounded float32 -> bf16 to nearest even (the bits torch writes).
+* ``ulps=k`` (the tie-heavy pair): the same base; the fine-tune moves every element of every
+  tensor, embeddings included, by 1..k bf16 ulps up or down, so |delta| takes ~k values per
+  exponent and most elements tie (as in real bf16 fine-tunes; the rank passes' hard case).
 
 Each tensor is made in row blocks of ~4 Mi elements, each from its own seed (seed, tensor, block),
 on ``workers`` threads (numpy's generators and ufuncs release the GIL), and written in place with
@@ -139,6 +142,20 @@ def _blocks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
     return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
 
 
+def _base(rng: np.random.Generator, shape: tuple[int, ...], nr: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """float32 base rows of a block (and the per-row scale s_r of a 2-D one), drawn first from
+    the block's stream, so every kind of fine-tune shares one base."""
+    if len(shape) == 1:
+        base = rng.standard_normal(nr, dtype=np.float32)
+        base *= np.float32(0.02)
+        base += np.float32(1.0)
+        return base, None
+    s_r = np.exp(rng.uniform(math.log(0.5), math.log(2.0), size=(nr, 1))).astype(np.float32)
+    base = rng.standard_normal((nr, shape[1]), dtype=np.float32)
+    base *= np.float32(0.02) * s_r
+    return base, s_r
+
+
 def _block(seed: int, ti: int, bi: int, shape: tuple[int, ...], nr: int,
            lowrank_std: float, noise_std: float, variant: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """float32 (base, fine-tune) rows of block ``bi`` of tensor ``ti``: nr rows (a 1-D tensor: nr values).
@@ -146,20 +163,14 @@ def _block(seed: int, ti: int, bi: int, shape: tuple[int, ...], nr: int,
     ``variant`` > 0 gives another fine-tune of the same base (its delta from streams of its own).
     """
     rng = np.random.default_rng([seed, ti, 1, bi])
+    base, s_r = _base(rng, shape, nr)
+    rng = np.random.default_rng([seed, ti, 1, bi, variant]) if variant else rng
     if len(shape) == 1:
-        base = rng.standard_normal(nr, dtype=np.float32)
-        base *= np.float32(0.02)
-        base += np.float32(1.0)
-        rng = np.random.default_rng([seed, ti, 1, bi, variant]) if variant else rng
         ft = rng.standard_normal(nr, dtype=np.float32)
         ft *= np.float32(noise_std)
         ft += base
         return base, ft
     cols = shape[1]
-    s_r = np.exp(rng.uniform(math.log(0.5), math.log(2.0), size=(nr, 1))).astype(np.float32)
-    base = rng.standard_normal((nr, cols), dtype=np.float32)
-    base *= np.float32(0.02) * s_r
-    rng = np.random.default_rng([seed, ti, 1, bi, variant]) if variant else rng
     ft = rng.standard_normal((nr, cols), dtype=np.float32)
     ft *= np.float32(noise_std) * s_r
     a = rng.standard_normal((nr, RANK), dtype=np.float32)
@@ -172,6 +183,20 @@ def _block(seed: int, ti: int, bi: int, shape: tuple[int, ...], nr: int,
     return base, ft
 
 
+def _ulp_block(seed: int, ti: int, bi: int, shape: tuple[int, ...], nr: int, ulps: int,
+               variant: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """bf16 bits (base, fine-tune) of a block whose fine-tune moves every element of every tensor
+    (embeddings and norms included) by 1..ulps bf16 ulps, up or down at random: |delta| then takes
+    a few values per exponent, so most elements tie with others (the rank passes' worst case)."""
+    base = bf16_bits(_base(np.random.default_rng([seed, ti, 1, bi]), shape, nr)[0])
+    rng = np.random.default_rng([seed, ti, 2, bi, variant])
+    step = rng.integers(1, ulps + 1, size=base.shape, dtype=np.uint16)
+    up = rng.random(base.shape, dtype=np.float32) < 0.5
+    up |= (base & np.uint16(0x7FFF)) < step  # never through zero: the sign bit would flip to -0 / NaN
+    ft = np.where(up, base + step, base - step).astype(np.uint16)  # the bit pattern is sign + magnitude
+    return base, ft
+
+
 def _resolve(shape: str | LlamaShape) -> tuple[str, LlamaShape]:
     if isinstance(shape, str):
         return shape, SHAPES[shape]
@@ -179,8 +204,9 @@ def _resolve(shape: str | LlamaShape) -> tuple[str, LlamaShape]:
 
 
 def _marker_doc(name: str, shape: LlamaShape, seed: int, lowrank_std: float, noise_std: float,
-                max_shard: int, variant: int = 0) -> dict:
-    delta = {"seed": seed, "lowrank_std": lowrank_std, "noise_std": noise_std, **({"variant": variant} if variant else {})}
+                max_shard: int, variant: int = 0, ulps: int = 0) -> dict:
+    delta = {"seed": seed, "lowrank_std": lowrank_std, "noise_std": noise_std,
+             **({"variant": variant} if variant else {}), **({"ulps": ulps} if ulps else {})}
     return {"size": name, "spec": asdict(shape), "delta": delta,
             "max_shard_size": max_shard, "block_elems": BLOCK_ELEMS, "format": 1}
 
@@ -191,14 +217,15 @@ def _folder_files(folder: str) -> dict[str, int]:
 
 
 def pair_complete(folder: str, shape: str | LlamaShape, *, seed: int = 0, lowrank_std: float = 1.5e-4,
-                  noise_std: float = 2.5e-4, max_shard_size: str | int = "1GB", variant: int = 0) -> bool:
+                  noise_std: float = 2.5e-4, max_shard_size: str | int = "1GB", variant: int = 0,
+                  ulps: int = 0) -> bool:
     """True if ``folder`` holds a complete pair made with exactly these parameters."""
     try:
         with open(os.path.join(folder, MARKER), encoding="utf-8") as f:
             marker = json.load(f)
     except (OSError, ValueError):
         return False
-    want = _marker_doc(*_resolve(shape), seed, lowrank_std, noise_std, parse_size(max_shard_size), variant)
+    want = _marker_doc(*_resolve(shape), seed, lowrank_std, noise_std, parse_size(max_shard_size), variant, ulps)
     if {k: marker.get(k) for k in want} != json.loads(json.dumps(want)):
         return False
     return all(os.path.isdir(os.path.join(folder, sub))
@@ -221,17 +248,21 @@ def _clear(folder: str, force: bool) -> None:
 
 def write_pair(folder: str, shape: str | LlamaShape, *, seed: int = 0, lowrank_std: float = 1.5e-4,
                noise_std: float = 2.5e-4, max_shard_size: str | int = "1GB", workers: int | None = None,
-               force: bool = False, verbose: bool = False, variant: int = 0) -> tuple[str, str]:
+               force: bool = False, verbose: bool = False, variant: int = 0, ulps: int = 0) -> tuple[str, str]:
     """Write ``folder/base`` and ``folder/ft`` (kept if already complete, unless ``force``); return their paths.
 
     ``shape`` is a LlamaShape or a key of SHAPES; ``workers`` threads (default: the CPU count).
     ``variant`` > 0 makes another fine-tune of the same base (the base files are identical).
+    ``ulps`` > 0 makes a tie-heavy fine-tune instead: every element 1..ulps bf16 ulps off the base
+    (same base again; ``lowrank_std`` and ``noise_std`` unused).
     """
+    if not 0 <= ulps < 64:
+        raise ValueError(f"ulps must be in [0, 64), not {ulps}")
     name, spec = _resolve(shape)
     paths = os.path.join(folder, "base"), os.path.join(folder, "ft")
     max_shard = parse_size(max_shard_size, "max shard size")
     if not force and pair_complete(folder, spec, seed=seed, lowrank_std=lowrank_std, noise_std=noise_std,
-                                   max_shard_size=max_shard, variant=variant):
+                                   max_shard_size=max_shard, variant=variant, ulps=ulps):
         if verbose:
             print(f"{folder}: complete {name} pair already there (use --force to regenerate)")
         return paths
@@ -257,7 +288,8 @@ def write_pair(folder: str, shape: str | LlamaShape, *, seed: int = 0, lowrank_s
 
     def run(job: tuple) -> tuple[int, int]:
         ti, tname, tshape, bi, r0, r1 = job
-        bits = [bf16_bits(x) for x in _block(seed, ti, bi, tshape, r1 - r0, lowrank_std, noise_std, variant)]
+        bits = (_ulp_block(seed, ti, bi, tshape, r1 - r0, ulps, variant) if ulps else
+                [bf16_bits(x) for x in _block(seed, ti, bi, tshape, r1 - r0, lowrank_std, noise_std, variant)])
         row_bytes = 2 * (tshape[1] if len(tshape) == 2 else 1)
         for writer, b in zip(writers, bits):
             path, offset = writer.location(tname)
@@ -284,7 +316,7 @@ def write_pair(folder: str, shape: str | LlamaShape, *, seed: int = 0, lowrank_s
                     os.close(fd)
 
     elapsed = time.perf_counter() - start
-    doc = _marker_doc(name, spec, seed, lowrank_std, noise_std, max_shard, variant)
+    doc = _marker_doc(name, spec, seed, lowrank_std, noise_std, max_shard, variant, ulps)
     doc.update(files={role: _folder_files(p) for role, p in zip(("base", "ft"), paths)}, params=spec.n_params,
                equal_fraction=equal / max(done // 4, 1), seconds=round(elapsed, 2))
     with open(marker_path + ".tmp", "w", encoding="utf-8") as f:

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from deltastream import kernels
-from deltastream.methods import bitdelta_kernels, dare_kernels
 from deltastream.exact import magnitude_sum, row_magnitude_sums
+from deltastream.methods import bitdelta_kernels, dare_kernels
 from deltastream.methods.lossless import zigzag
 from deltastream.rng import tensor_key, threshold_u32, uniform_u32
 
@@ -266,17 +266,6 @@ def test_rank_steps_equal_their_numpy_forms():
     hist = np.zeros(1 << 16, np.int64)
     kernels.count_high(bits, hist)
     assert np.array_equal(hist, np.bincount(bits >> 16, minlength=1 << 16))
-
-    candidate = rng.random(1 << 16) < 0.01
-    candidate[bits[50] >> 16] = True
-    out = np.empty(bits.size, np.uint32)
-    assert np.array_equal(out[: kernels.gather_candidates(bits, candidate, out)], bits[candidate[bits >> 16]])
-
-    lower = np.cumsum(rng.integers(0, 2, 1 << 16)).astype(np.intp)
-    below, near = np.empty(bits.size, np.intp), np.empty(bits.size, np.intp)
-    k = kernels.below_and_near(bits, lower, candidate, below, near)
-    assert np.array_equal(below, lower[bits >> 16])
-    assert np.array_equal(near[:k], np.flatnonzero(candidate[bits >> 16]))
 
     delta = rng.standard_normal(bits.size).astype(np.float32)
     block = rng.integers(0, 3, bits.size).astype(np.uint8)
