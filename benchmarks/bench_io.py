@@ -46,7 +46,8 @@ sys.path.insert(0, HERE)
 
 from memtrack import run_tracked, system_busy_s  # noqa: E402
 
-from deltastream.synthetic import SHAPES as SIZES, pair_complete  # noqa: E402
+from deltastream.synthetic import SHAPES as SIZES  # noqa: E402
+from deltastream.synthetic import pair_complete  # noqa: E402
 
 MiB = 2**20
 
@@ -81,7 +82,7 @@ WAITED = [0.0]  # seconds spent in wait_idle, all steps
 def tracked(argv: list[str], args: argparse.Namespace, log) -> tuple:
     """run_tracked, after waiting for an idle machine; rerun (up to --retries) if others used the CPU."""
     best, waited = None, 0.0
-    for attempt in range(1 + (args.retries if args.wait_idle else 0)):
+    for _attempt in range(1 + (args.retries if args.wait_idle else 0)):
         if args.wait_idle:
             waited += wait_idle(args.wait_idle)
         r = run_tracked(argv)
@@ -359,7 +360,8 @@ def render(results: list[dict], meta: dict) -> str:
          f"Total bench runtime: **{meta['runtime_s']:.0f} s** (data generation included: "
          f"{meta['generate_s']:.0f} s; waiting for an idle machine: {meta['waited_idle_s']:.0f} s).", "",
          "Inputs: synthetic Llama-shaped bf16 pairs from `benchmarks/make_checkpoints.py` (seed "
-         f"{meta['seed']}; delta std ~3.3e-4, see `deltastream/synthetic.py`). Page cache warm for every timed step.", ""]
+         f"{meta['seed']}; delta std ~3.3e-4, see `deltastream/synthetic.py`). "
+         "Page cache warm for every timed step.", ""]
     L += ["## Compress (`deltastream compress BASE FT -o A.dsz --method lossless -q --overwrite`)", "",
           "| size | params | base+ft | read base+ft (cat) | compress wall | **speed vs read** | GB/s in | CPU util "
           "| other load | **peak RssAnon** | peak RSS (incl. file pages) |",

@@ -6,8 +6,8 @@ For lossless and bitdelta compress, 3 chunk sizes x 2 worker counts: the peak Rs
 over the process tree, sampled every 20 ms) and the model's prediction
 ``fixed + workers x footprint x chunk`` with the footprints of ``deltastream.api`` and the fixed
 part measured as the peak of ``deltastream methods`` (the libraries loaded) on the same machine.
-Use a pair whose tensors are larger than the chunks (70B-2L), or the chunk size cannot show. Also the chunk size the default
-``--memory 1GiB`` picks. Writes benchmarks/results/bench_memory_<size>.md.
+Use a pair whose tensors are larger than the chunks (70B-2L), or the chunk size cannot show. Also the chunk size the
+default ``--memory 1GiB`` picks. Writes benchmarks/results/bench_memory_<size>.md.
 """
 
 from __future__ import annotations
@@ -50,9 +50,10 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     lines = [f"# Peak RssAnon against chunk size and workers ({args.size} pair)", "", "```",
              f"python benchmarks/bench_memory.py --size {args.size}", "```", "",
-             f"Fixed part (the process with its libraries loaded: `deltastream methods`): {fixed / MiB:.0f} MiB.", "",
-             "| method | chunk | workers | peak RssAnon | model: fixed + workers x footprint x chunk | measured / model "
-             "| wall s |", "|---|---|---|---|---|---|---|"]
+             f"Fixed part (the process with its libraries loaded: `deltastream methods`): {fixed / MiB:.0f} MiB.",
+             "",
+             "| method | chunk | workers | peak RssAnon | model: fixed + workers x footprint x chunk "
+             "| measured / model | wall s |", "|---|---|---|---|---|---|---|"]
     for method, chunk, workers, peak, pred, wall in rows:
         lines.append(f"| {method} | {chunk} MiB | {workers} | {peak:.0f} MiB | {pred:.0f} MiB | {peak / pred:.2f} "
                      f"| {wall:.1f} |")

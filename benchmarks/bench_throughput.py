@@ -106,10 +106,11 @@ def main() -> None:
             print(cold_rows[-1], flush=True)
     shutil.rmtree(out, ignore_errors=True)
 
-    lines = [f"# Compress and apply throughput, {args.size} pair ({gb:.2f} GB of inputs){' - ' + args.label if args.label else ''}",
+    lines = [f"# Compress and apply throughput, {args.size} pair ({gb:.2f} GB of inputs)"
+             f"{' - ' + args.label if args.label else ''}",
              "", f"`python benchmarks/bench_throughput.py --size {args.size}{' --cold' if args.cold else ''}`"
              f"{' (' + args.label + ')' if args.label else ''}", "",
-             "Warm page cache (best of %d):" % args.repeat, "",
+             f"Warm page cache (best of {args.repeat}):", "",
              "| job | wall | input GB/s | speed / read |", "|---|---|---|---|", *rows]
     if cold_rows:
         lines += ["", "Cold page cache (caches dropped before each run; cat and compress alternate):", "",

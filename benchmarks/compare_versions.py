@@ -6,8 +6,8 @@ Writes one small synthetic bf16 Llama-shaped pair (deltastream.synthetic), then 
 ``PYTHONPATH=BEFORE_PYTHONPATH`` and once with this checkout, ``compress`` and ``edit`` of every
 case below with a chunk size that splits rows, and compares: every file of each artifact except
 its manifest byte for byte, the manifests with the fields that record the run (dates, version,
-paths, digest) removed and bitdelta's former ``bits: 0`` dropped, and each edited checkpoint's tensors byte for byte (its metadata shown
-when it differs). A case whose method was renamed (multi-bit BitDelta: ``bitdelta -p bits=2``
+paths, digest) removed and bitdelta's former ``bits: 0`` dropped, and each edited checkpoint's tensors byte for byte
+(its metadata shown when it differs). A case whose method was renamed (multi-bit BitDelta: ``bitdelta -p bits=2``
 before, ``multibit -p bits=2`` now) is run under each version's name; its manifest may differ in
 the method config and tensor policies only. Exits 1 on any other difference.
 """
@@ -80,7 +80,8 @@ def tensors(raw: bytes) -> tuple[dict, dict]:
     header = json.loads(raw[8:8 + n])
     meta = header.pop("__metadata__", {})
     data = raw[8 + n:]
-    return {k: (e["dtype"], e["shape"], data[e["data_offsets"][0]:e["data_offsets"][1]]) for k, e in header.items()}, meta
+    tensors = {k: (e["dtype"], e["shape"], data[e["data_offsets"][0]:e["data_offsets"][1]]) for k, e in header.items()}
+    return tensors, meta
 
 
 def compare(before: str, now: str) -> list[str]:
@@ -92,7 +93,8 @@ def compare(before: str, now: str) -> list[str]:
             fb, fn = files(art_b), files(art_n)
             mb, mn = fb.pop("zarr.json"), fn.pop("zarr.json")
             if fb != fn:
-                problems.append(f"{label}: artifact files differ: {sorted(k for k in fb.keys() | fn.keys() if fb.get(k) != fn.get(k))[:5]}")
+                differ = sorted(k for k in fb.keys() | fn.keys() if fb.get(k) != fn.get(k))[:5]
+                problems.append(f"{label}: artifact files differ: {differ}")
             elif manifest(mb, renamed) != manifest(mn, renamed):
                 problems.append(f"{label}: manifests differ beyond the run's own fields")
             else:
@@ -108,8 +110,9 @@ def compare(before: str, now: str) -> list[str]:
                 if tb != tn:
                     problems.append(f"{label}: edited tensors differ in {name}")
                 elif meta_b != meta_n:
-                    print(f"{label}: edit {name}: tensors identical; metadata differs: "
-                          f"{ {k: (meta_b.get(k), meta_n.get(k)) for k in meta_b.keys() | meta_n.keys() if meta_b.get(k) != meta_n.get(k)} }")
+                    differ = {k: (meta_b.get(k), meta_n.get(k))
+                              for k in meta_b.keys() | meta_n.keys() if meta_b.get(k) != meta_n.get(k)}
+                    print(f"{label}: edit {name}: tensors identical; metadata differs: {differ}")
                 else:
                     print(f"{label}: edit {name}: identical")
     return problems

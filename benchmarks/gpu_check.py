@@ -102,8 +102,8 @@ def main() -> int:
     failures = 0
     key = rng.tensor_key(0, "model.layers.0.mlp.up_proj.weight")
     for start, n in ((0, 1 << 26), (2**32 - 1000, 5000), (123_456_789, 1 << 20)):
-        same = np.array_equal(rng.uniform_u32(key, start, start + n),
-                              rng.uniform_u32_torch(key, start, start + n, device=device).cpu().numpy().astype(np.uint32))
+        on_device = rng.uniform_u32_torch(key, start, start + n, device=device).cpu().numpy().astype(np.uint32)
+        same = np.array_equal(rng.uniform_u32(key, start, start + n), on_device)
         print(f"1. element RNG, elements {start}..{start + n}: numpy == CUDA: {same}")
         failures += not same
     x = np.random.default_rng(1).standard_normal(1 << 24).astype(np.float32) * np.float32(0.05)
@@ -133,11 +133,11 @@ def main() -> int:
         nbytes = 2 * base_bits.nbytes
         out = torch.empty(base_bits.size, dtype=torch.int16).pin_memory()
 
-        def dare_round_trip():
+        def dare_round_trip(bb=bb, fb=fb, out=out):
             b, f = bb.to(device, non_blocking=True), fb.to(device, non_blocking=True)
             out.copy_(dare_torch(b, f, key, 0.9, device), non_blocking=True)
 
-        def bitdelta_round_trip():
+        def bitdelta_round_trip(bb=bb, fb=fb):
             b, f = bb.to(device, non_blocking=True), fb.to(device, non_blocking=True)
             signs, total = bitdelta_torch(b, f)
             signs.cpu()

@@ -38,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
     base, ft = os.path.join(args.pair, "base"), os.path.join(args.pair, "ft")
     work = os.path.join(args.pair, "lossless-choice")
-    print(f"| transform | codec | ratio | compress GB/s | apply GB/s |\n|---|---|---|---|---|")
+    print("| transform | codec | ratio | compress GB/s | apply GB/s |\n|---|---|---|---|---|")
     for transform, blosc in CANDIDATES:
         role = "delta" if transform == "sub" else "xor"
         codecs.PRESETS[role] = codecs.Preset(role, blosc=blosc)

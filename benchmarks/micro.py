@@ -69,10 +69,10 @@ def kernel_rows(folder: str) -> list[tuple[str, str]]:
     """The per-step rates docs/benchmarks.md quotes for compress: reading (map + CRC), each
     method's encode on one core, the kept entries' padding, and numpy's scalar where."""
     from deltastream.artifact.codecs import PRESETS, encode_chunk
+    from deltastream.checkpoint.header import TensorInfo
     from deltastream.checkpoint.reader import read_bits
     from deltastream.dtypes import DTYPES
     from deltastream.kernels import select
-    from deltastream.checkpoint.header import TensorInfo
     from deltastream.methods.base import ChunkContext
     from deltastream.methods.bitdelta import BitDelta
     from deltastream.methods.dare import Dare
@@ -102,7 +102,7 @@ def kernel_rows(folder: str) -> list[tuple[str, str]]:
     base, ft = chunk_pair(n)
     ctx = ChunkContext("w", DTYPES["BF16"], (n // 4096, 4096), 0, n, seed=1)
     for name, method in (("bitdelta", BitDelta()), ("dare p=0.9", Dare(p=0.9))):
-        t = timed(lambda: method.encode_with_stats(base, ft, ctx))
+        t = timed(lambda method=method: method.encode_with_stats(base, ft, ctx))
         rows.append((f"{name} encode of a 16M-element bf16 chunk, one core", f"{n / t / 1e9:.2f} G elements/s"))
 
     kept = Dare(p=0.9).encode_with_stats(base, ft, ctx)[0]["kept"].copy()
@@ -147,7 +147,7 @@ def main() -> None:
         for how in ("sparse", "fallocate"):
             path = os.path.join(folder, how)
 
-            def write():
+            def write(path=path, how=how):
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
                 if how == "fallocate":
                     os.posix_fallocate(fd, 0, 1 << 30)

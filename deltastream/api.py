@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Any, overload
 
 from .engine import RunOptions
+from .errors import ParameterError
 from .jobs import apply as apply_job
 from .jobs import compress as compress_job
 from .jobs import edit as edit_job
 from .jobs import info as info_job
-from .errors import ParameterError
 from .methods import Method, get_method
 from .params import parse_local_cluster, parse_seed, parse_strings, parse_workers
 from .plan import DEFAULT_CHUNK_BYTES
@@ -98,10 +98,12 @@ def compress(base: str, fine_tune: str | list[str], out: str, method: str | Meth
 
     m = resolve_method(method, params, "compress")
     options = run_options(workers, scheduler, progress, client)
-    job = compress_job.compress if isinstance(fine_tune, str) else compress_job.compress_many
-    return job(base, fine_tune, out, m, chunk_bytes=effective_chunk_bytes(chunk_size, memory, options, m),
-               seed=parse_seed(seed), policy=policy(include, exclude), overwrite=overwrite, resume=resume,
-               options=options, device=resolve_device(device))
+    kw: dict[str, Any] = dict(chunk_bytes=effective_chunk_bytes(chunk_size, memory, options, m),
+                              seed=parse_seed(seed), policy=policy(include, exclude), overwrite=overwrite,
+                              resume=resume, options=options, device=resolve_device(device))
+    if isinstance(fine_tune, str):
+        return compress_job.compress(base, fine_tune, out, m, **kw)
+    return compress_job.compress_many(base, fine_tune, out, m, **kw)
 
 
 def edit(base: str, fine_tune: str, out: str, method: str | Method, *, chunk_size: int | str | None = None,
@@ -126,12 +128,12 @@ def apply(base: str, artifact: str, out: str, *, max_shard_size: int | str = "5G
           resume: bool = False, device: str = "cpu", workers: int | None = None, scheduler: str | None = None,
           progress: bool | None = False, client: Any = None) -> str:
     """Rebuild the (edited) fine-tune from base + artifact into the checkpoint folder ``out``;
-    ``device`` "cuda" (or "auto") decodes dare and 1-bit bitdelta chunks on the GPU."""
+    ``device`` "cuda" (or "auto") decodes on the GPU the chunks of methods with a torch decoder."""
     from .device import resolve_device
 
     return apply_job.apply(base, artifact, out, max_shard_size=parse_size(max_shard_size, "max shard size"),
-                           overwrite=overwrite, resume=resume, options=run_options(workers, scheduler, progress, client),
-                           device=resolve_device(device))
+                           overwrite=overwrite, resume=resume,
+                           options=run_options(workers, scheduler, progress, client), device=resolve_device(device))
 
 
 def verify(artifact: str, base: str | None = None, *, workers: int | None = None, scheduler: str | None = None,

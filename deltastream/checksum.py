@@ -19,7 +19,7 @@ __all__ = ["crc32c", "digest"]
 def crc32c(data: np.ndarray) -> int:
     if data.size == 0:
         return 0
-    return _crc32c.crc32c(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    return _crc32c.crc32c(np.ascontiguousarray(data).reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # an ndarray is a buffer; numpy declares __buffer__ only for Python >= 3.12
 
 
 def digest(obj: object) -> str:

@@ -16,12 +16,11 @@ import warnings
 
 from . import api
 from ._version import __version__
-from .errors import DeltastreamError, DeltastreamWarning, Interrupted, escape
 from .config import load_job_config
 from .engine.graph import local_cluster
-from .errors import ParameterError
+from .errors import DeltastreamError, DeltastreamWarning, Interrupted, ParameterError, escape
 from .jobs.info import format_info, format_verified
-from .methods import METHODS, get_method
+from .methods import METHODS, backends, get_method
 from .params import MAX_PROCESSES, MAX_WORKERS, parse_assignments, parse_local_cluster, parse_seed, parse_workers
 from .units import format_size
 
@@ -44,10 +43,12 @@ def _add_run_options(p: argparse.ArgumentParser, resume: bool = True) -> None:
                             "an interrupted --resume run keeps its partial output for the next")
 
 
-def _add_device_option(p: argparse.ArgumentParser, verb: str) -> None:
+def _add_device_option(p: argparse.ArgumentParser, verb: str, role: str) -> None:
+    on_gpu = sorted({i.method.method_id for i in backends.implementations("torch") if i.role == role})
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
-                   help=f"where dare and 1-bit bitdelta chunks are {verb}: cuda (the GPU, the CPU's bits), "
-                        "auto (cuda when torch sees one), cpu (default)")
+                   help=f"where chunks are {verb}: cuda (the GPU, the CPU's bits; {', '.join(on_gpu)} have a GPU "
+                        "path, for the parameters docs/methods.md lists; other chunks run on the CPU), auto (cuda "
+                        "when torch sees one), cpu (default)")
 
 
 def _add_method_options(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "OUT is a folder of one artifact each, made in one pass over the base")
     p.add_argument("-o", "--output", required=True, metavar="OUT.dsz", help="artifact (or folder) to write")
     _add_method_options(p, default="lossless")
-    _add_device_option(p, "encoded")
+    _add_device_option(p, "encoded", "encode")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     _add_run_options(p)
 
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_options(p, default=None)
     p.add_argument("--max-shard-size", default=None, metavar="SIZE",
                    help="largest output shard, Hugging Face style (default: 5GB)")
-    _add_device_option(p, "edited (biased and extrapolate chunks too)")
+    _add_device_option(p, "edited", "edit")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     _add_run_options(p)
 
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="checkpoint folder to write")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="largest output shard, Hugging Face style (default: 5GB)")
-    _add_device_option(p, "decoded")
+    _add_device_option(p, "decoded", "decode")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     _add_run_options(p)
 

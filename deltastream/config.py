@@ -15,7 +15,8 @@ and the key. A key left empty (``seed:``) is not given.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import ParameterError, show, tensor_context
 from .methods import METHODS, get_method

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 from numcodecs import Zstd
@@ -46,17 +47,17 @@ def _zstd_size(folder: str, level: int = 3, block: int = 32 << 20) -> int:
 
 
 #: the compact methods, with the parameters the demo shows (those not registered are skipped)
-DEMO_RUNS = [
+DEMO_RUNS: list[tuple[str, dict[str, Any]]] = [
     ("lossless", {}),
     ("dare", {"p": 0.9}),
     ("bitdelta", {}),
-    ("bitdelta", {"bits": 2}),
+    ("multibit", {"bits": 2}),
     ("bitdelta", {"residual": 1}),
     ("dare_bitdelta", {"p": 0.9}),
     ("lowrank", {"rank_fraction": 0.1}),
 ]
 #: methods with no compact form: the demo shows their edit's error and time
-DEMO_EDITS = [
+DEMO_EDITS: list[tuple[str, dict[str, Any]]] = [
     ("trim", {"density": 0.2}),
     ("extrapolate", {"alpha": 0.3}),
     ("biased", {"p": 0.5, "k": 0.5}),
@@ -80,7 +81,9 @@ def run_demo(workdir: str | None = None, progress: bool | None = None) -> str:
         base, ft = write_pair(folder, shape, seed=0)
         made = time.perf_counter() - start
         ft_bytes = open_checkpoint(ft).nbytes
-        rows = [("zstd -3 of the fine-tune (reference)", _zstd_size(ft), None, None, None)]
+        #: label, stored bytes, ratio over the edited tensors, max error, seconds (None: not measured)
+        rows: list[tuple[str, int | None, float | None, float | None, float | None]] = [
+            ("zstd -3 of the fine-tune (reference)", _zstd_size(ft), None, None, None)]
         for i, (name, params) in enumerate(DEMO_RUNS):
             if name not in METHODS:
                 continue
@@ -107,13 +110,13 @@ def run_demo(workdir: str | None = None, progress: bool | None = None) -> str:
             "",
             f"{'method':<38} {'stored':>10} {'ratio':>8} {'linear':>8} {'max error':>10} {'time':>7}",
         ]
-        for label, stored, edited, err, elapsed in rows:
+        for label, stored, edited, err, seconds in rows:
             size = "-" if stored is None else format_size(stored)
             ratio = "-" if stored is None else f"{ft_bytes / stored:.2f}x"
             lines.append(f"{label:<38} {size:>10} {ratio:>8} "
                          f"{'-' if edited is None else f'{edited:.1f}x':>8} "
                          f"{'-' if err is None else f'{err:.3g}':>10} "
-                         f"{'-' if elapsed is None else f'{elapsed:.2f}s':>7}")
+                         f"{'-' if seconds is None else f'{seconds:.2f}s':>7}")
         lines += ["",
                   "ratio: the fine-tune's bytes / the artifact's; linear: the same over the tensors the method",
                   "edits (embeddings, lm_head and norms are stored exactly); max error: largest |rebuilt - fine-tune|;",

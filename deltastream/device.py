@@ -74,8 +74,7 @@ def _staging(n: int, pinned: bool):
 
     bufs = getattr(_local, "bufs", None)
     if bufs is None or bufs[0].numel() < n:
-        kw = {"pin_memory": True} if pinned else {}
-        bufs = _local.bufs = tuple(torch.empty(max(n, 1), dtype=torch.int16, **kw) for _ in range(3))
+        bufs = _local.bufs = tuple(torch.empty(max(n, 1), dtype=torch.int16, pin_memory=pinned) for _ in range(3))
     return bufs
 
 
@@ -119,8 +118,8 @@ def edit_on_device(base: np.ndarray, ft: np.ndarray, ctx, device: str, edit: Cal
         f = host_f[:n].to(dev, non_blocking=True).view(dtype).to(torch.float32)
         out = (b + edit(f - b, ctx, dev)).to(dtype)
         host_out[:n].copy_(out.view(torch.int16), non_blocking=cuda)
-        if cuda:
-            stream.synchronize()  # the pinned buffers are reused by this thread's next chunk
+        if stream is not None:  # cuda: the pinned buffers are reused by this thread's next chunk
+            stream.synchronize()
     return host_out[:n].numpy().view(ctx.dtype.bits).copy()
 
 

@@ -82,7 +82,7 @@ def to_float32(bits: np.ndarray, dtype: DType, out: np.ndarray | None = None) ->
             out = np.empty(bits.shape, np.float32)
         np.left_shift(bits, 16, out=out.view(np.uint32), casting="unsafe", dtype=np.uint32)
         return out
-    if not dtype.computable:
+    if not dtype.computable or dtype.numpy is None:  # computable and not BF16: numpy computes in it
         raise TypeError(f"dtype {dtype.name} has no float32 view")
     values = bits.view(dtype.numpy)
     if out is None:
@@ -98,7 +98,7 @@ def from_float32(values: np.ndarray, dtype: DType, out: np.ndarray | None = None
             out = np.empty(values.shape, np.uint16)
         kernels.bf16_round(np.ascontiguousarray(values, np.float32).reshape(-1), out.reshape(-1))
         return out
-    if not dtype.computable:
+    if not dtype.computable or dtype.numpy is None:  # computable and not BF16: numpy computes in it
         raise TypeError(f"dtype {dtype.name} has no float32 rounding")
     if out is None:
         return values.astype(dtype.numpy).view(dtype.bits)

@@ -92,6 +92,7 @@ def pair_tensors(base: Checkpoint, ft: Checkpoint, chunk_bytes: int) -> list[Ten
     dtype mismatch, is an error naming the file and tensor.
     """
     problems = []
+    b: TensorInfo | None
     for name, b in base.tensors.items():
         if name not in ft.tensors:
             problems.append(f"{tensor_context(ft.path, name)}: missing from the fine-tune "

@@ -2,9 +2,9 @@
 
 Filling a fresh chunk-sized buffer costs its page faults (3x slower than refilling a reused one
 here: benchmarks/micro.py; glibc maps every large allocation anew) and makes private memory creep
-as the allocator fragments (apply's peak rose over a run before the pool: benchmarks/README.md). A task that needs a temporary array takes one from its thread's pool instead: the
-pool holds one buffer per tag, grown to the largest chunk seen, so private memory is set by
-chunk size x workers and stays flat for the whole run.
+as the allocator fragments (apply's peak rose over a run before the pool: benchmarks/README.md). A task that needs
+a temporary array takes one from its thread's pool instead: the pool holds one buffer per tag, grown to the largest
+chunk seen, so private memory is set by chunk size x workers and stays flat for the whole run.
 
 A buffer is valid until the same thread asks for the same tag again: use it within one task.
 """

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -38,8 +39,8 @@ from .methods.base import ChunkContext
 from .plan import chunk_ranges
 from .scratch import scratch
 
-__all__ = ["Readable", "Source", "CheckpointSource", "PaddedBase", "read_pair_base", "ArtifactSource", "Model", "open_model", "checkpoint_model", "is_artifact",
-           "check_base", "artifact_sources"]
+__all__ = ["Readable", "Source", "CheckpointSource", "PaddedBase", "read_pair_base", "ArtifactSource", "Model",
+           "open_model", "checkpoint_model", "is_artifact", "check_base", "artifact_sources"]
 
 
 class Readable(Protocol):
@@ -103,7 +104,7 @@ def read_pair_base(base: TensorInfo | None, base_numel: int, start: int, stop: i
         return read_bits(base, start, stop)
     padded = scratch("read_pair.base", stop - start, dtype.bits)
     padded[have:] = 0
-    if have:
+    if have and base is not None:  # without a base, base_numel is 0
         padded[:have] = read_bits(base, start, start + have)
     return padded
 
@@ -127,6 +128,11 @@ class PaddedBase:
 
     def read(self, start: int, stop: int) -> np.ndarray:
         return read_pair_base(self.info, self.numel, start, stop, self.dtype)
+
+
+_DECODED = threading.local()
+#: artifact sources whose last decoded chunk one thread keeps (a merge reads a few models at once)
+_DECODED_PER_THREAD = 8
 
 
 @dataclass(frozen=True)
@@ -180,7 +186,7 @@ class ArtifactSource:
         thread decodes again), the base and a lossless rebuild checked against their CRCs."""
         c = self.context(index, device)
         e = self.entry
-        if self.base is not None:
+        if self.base is not None and e.base is not None:  # the base is given for entries that have one
             base = read_pair_base(self.base, e.base_numel, c.start, c.stop, c.dtype)
             if crc32c(base[: max(0, e.base_numel - c.start)]) != e.base["chunk_crc32c"][index]:
                 raise WrongBaseError(f"{tensor_context(self.base.path, c.tensor)}: the base differs from the "
@@ -200,8 +206,21 @@ class ArtifactSource:
         for index in range(start // size, (stop - 1) // size + 1 if stop > start else 0):
             lo = index * size
             a, b = max(start, lo), min(stop, lo + size)
-            out[a - start:b - start] = self.decode_chunk(index)[a - lo:b - lo]
+            out[a - start:b - start] = self._decoded(index)[a - lo:b - lo]
         return out
+
+    def _decoded(self, index: int) -> np.ndarray:
+        """Chunk ``index`` decoded, kept per thread and source until the thread reads another
+        chunk of this source: a job whose chunks are smaller than the artifact's (merge's are)
+        reads one artifact chunk in several consecutive slices and decodes it once, not each time.
+        Memory: one artifact chunk per worker thread and artifact tensor being read."""
+        cache = _DECODED.__dict__.setdefault("chunks", {})
+        held = cache.get(id(self))
+        if held is None or held[0] is not self or held[1] != index:
+            held = cache[id(self)] = (self, index, self.decode_chunk(index).copy())  # self: its id stays its own
+            if len(cache) > _DECODED_PER_THREAD:  # the oldest other source's chunk goes
+                del cache[next(k for k in cache if k != id(self))]
+        return held[2]
 
     def cropped(self, shape: tuple[int, ...]) -> ArtifactSource:
         return replace(self, shape=shape)
@@ -217,6 +236,7 @@ class Model:
     files: list[str]
     metadata: dict[str, str]
     side_files: dict[str, str]  # name -> absolute path (a checkpoint's; an artifact's are stored inside it)
+    digest: str = ""  # an artifact's manifest_sha256 (its chunks are covered by it); "" for a checkpoint
 
 
 def is_artifact(path: str) -> bool:
@@ -237,7 +257,7 @@ def open_model(path: str, base: Checkpoint | None = None) -> Model:
     manifest = load_manifest(os.path.abspath(path))
     check_base(manifest, base)
     return Model(manifest.path, {s.name: s for s in artifact_sources(manifest, base)}, [manifest.path],
-                 dict(manifest.doc.get("fine_tune_metadata") or {}), {})
+                 dict(manifest.doc.get("fine_tune_metadata") or {}), {}, manifest.digest)
 
 
 def artifact_sources(manifest: Manifest, base: Checkpoint | None) -> list[ArtifactSource]:
@@ -255,17 +275,17 @@ def artifact_sources(manifest: Manifest, base: Checkpoint | None) -> list[Artifa
 
 def check_base(manifest: Manifest, base: Checkpoint) -> None:
     """Refuse a base that is not the artifact's, reading only 64 KiB per tensor."""
-    expected = {t.name: t for t in manifest.tensors if t.base is not None}
+    expected = {t.name: t.base for t in manifest.tensors if t.base is not None}
+    info: TensorInfo | None
     for name, info in base.tensors.items():
         if name not in expected:
             raise WrongBaseError(f"{tensor_context(info.path, name)}: not in the artifact's base: "
                                  f"wrong base for '{escape(manifest.path)}'")
-    for name, entry in expected.items():
+    for name, fp in expected.items():
         info = base.tensors.get(name)
         if info is None:
             raise WrongBaseError(f"{tensor_context(base.path, name)}: missing from the base: "
                                  f"wrong base for '{escape(manifest.path)}'")
-        fp = entry.base
         if info.dtype.name != fp["dtype"] or list(info.shape) != fp["shape"]:
             raise WrongBaseError(f"{tensor_context(info.path, name)}: {info.dtype.name} {info.shape}, but the "
                                  f"artifact's base has {fp['dtype']} {tuple(fp['shape'])}: wrong base")

@@ -148,7 +148,9 @@ def load_yaml(path: str, what: str) -> tuple[str, Any, dict[tuple, int]]:
         lines = _lines(loader, node)
         return text, loader.construct_document(node), lines
     except _Refused as exc:
-        raise ParameterError(f"{tensor_context(path)} line {exc.problem_mark.line + 1}: {exc.problem}") from None
+        mark = exc.problem_mark  # always set: _Refused is raised at a node or mark
+        line = "?" if mark is None else mark.line + 1
+        raise ParameterError(f"{tensor_context(path)} line {line}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]

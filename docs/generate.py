@@ -16,7 +16,7 @@ import sys
 
 DOCS = os.path.dirname(os.path.abspath(__file__))
 #: doc file -> the generated blocks it holds
-TARGETS = {"cli.md": ("options", "methods")}
+TARGETS = {"cli.md": ("options", "methods"), "methods.md": ("fast_paths",)}
 
 
 def _cell(text: str) -> str:
@@ -53,7 +53,16 @@ def methods_block() -> str:
     return "\n".join(out)
 
 
-BLOCKS = {"options": options_block, "methods": methods_block}
+def fast_paths_block() -> str:
+    from deltastream.methods import backends
+
+    out = ["| method | role | backend | dtypes |", "|---|---|---|---|"]
+    for impl in sorted(backends.implementations(), key=lambda i: (i.method.method_id, i.role, i.backend)):
+        out.append(f"| `{impl.method.method_id}` | {impl.role} | {impl.backend} | {', '.join(impl.dtypes)} |")
+    return "\n".join(out)
+
+
+BLOCKS = {"options": options_block, "methods": methods_block, "fast_paths": fast_paths_block}
 
 
 def render(text: str, names: tuple[str, ...]) -> str:

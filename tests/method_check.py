@@ -21,13 +21,14 @@ import os
 
 import numpy as np
 import zarr
-from common import make_pair, read_raw
 
 import deltastream as ds
 from deltastream.dtypes import dtype_by_name
 from deltastream.methods import Method, backends
 from deltastream.methods.base import ChunkContext, combine_partials
 from deltastream.methods.lossless import Lossless
+
+from common import make_pair, read_raw
 
 __all__ = ["SPECS", "check_method", "dense_edit", "numpy_only", "artifact_chunks"]
 

@@ -47,3 +47,10 @@ def test_compress_returns_a_path_for_one_fine_tune_and_a_list_for_several(tmp_pa
 
 def test_the_package_ships_its_type_information():
     assert os.path.isfile(os.path.join(os.path.dirname(ds.__file__), "py.typed"))
+
+
+def test_every_method_the_demo_runs_is_one_the_registry_accepts():
+    from deltastream.demo import DEMO_EDITS, DEMO_RUNS
+
+    for name, params in DEMO_RUNS + DEMO_EDITS:
+        assert get_method(name, **params).get_config()["id"] == name

@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 import zarr
-from common import make_pair
 
 import deltastream as ds
 from deltastream.artifact.manifest import load_manifest
 from deltastream.artifact.store import read_chunk
+
+from common import make_pair
 
 
 @pytest.mark.parametrize("transform", ["sub", "xor"])

@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+
 from common import error_line, make_pair, run_cli, write_checkpoint
 
 

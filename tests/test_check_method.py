@@ -2,9 +2,10 @@
 the list is the registry's, so a method added there is checked here without a line more."""
 
 import pytest
-from method_check import check_method
 
 from deltastream.methods import METHODS, get_method
+
+from method_check import check_method
 
 #: parameter sets beyond each method's defaults (their fast paths, their passes, their options)
 PARAMS = {"dare": [{"p": 0.5, "k": -0.5}, {"p": 0.6, "rescale": "l1"}], "biased": [{"p": 0.3, "k": 0.2}],
@@ -15,6 +16,7 @@ PARAMS = {"dare": [{"p": 0.5, "k": -0.5}, {"p": 0.6, "rescale": "l1"}], "biased"
 CASES = [(name, params) for name in sorted(METHODS) for params in [{}] + PARAMS.get(name, [])]
 
 
-@pytest.mark.parametrize("name,params", CASES, ids=[f"{n}-{'-'.join(f'{k}{v}' for k, v in p.items())}" for n, p in CASES])
+@pytest.mark.parametrize("name,params", CASES,
+                         ids=[f"{n}-{'-'.join(f'{k}{v}' for k, v in p.items())}" for n, p in CASES])
 def test_check_method(tmp_path, name, params):
     check_method(get_method(name, **params), str(tmp_path))

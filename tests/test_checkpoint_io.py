@@ -5,13 +5,14 @@ import os
 
 import numpy as np
 import pytest
-from common import make_pair, read_raw, write_safetensors
 
 import deltastream as ds
 from deltastream.checkpoint import CheckpointWriter, OutputTensor, open_checkpoint, plan_shards, read_bits
 from deltastream.checkpoint.writer import write_at
 from deltastream.errors import CheckpointError
 from deltastream.plan import chunk_elements, chunk_ranges
+
+from common import make_pair, read_raw, write_safetensors
 
 
 def test_reader_parses_headers_only_and_chunks_are_mmap_views(tmp_path):

@@ -8,10 +8,11 @@ import pickle
 import threading
 
 import pytest
-from common import make_pair, tree_digest
 
 import deltastream as ds
 import deltastream.jobs.compress as compress_job
+
+from common import make_pair, tree_digest
 
 distributed = pytest.importorskip("distributed")
 
@@ -38,7 +39,8 @@ def cluster():
 
 def _artifact_digest(folder: str) -> dict:
     """Every file of an artifact by its sha256, the manifest without its creation time."""
-    out = {os.path.relpath(k, folder): v for k, v in tree_digest(folder).items() if k != os.path.join(folder, "zarr.json")}
+    manifest = os.path.join(folder, "zarr.json")
+    out = {os.path.relpath(k, folder): v for k, v in tree_digest(folder).items() if k != manifest}
     with open(os.path.join(folder, "zarr.json"), encoding="utf-8") as f:
         out["zarr.json"] = json.dumps(_timeless(json.load(f)), sort_keys=True)
     return out

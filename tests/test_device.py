@@ -2,10 +2,11 @@
 GPU and on the CPU here (``torch:cpu``), so the CUDA test only adds the device itself."""
 
 import pytest
-from common import make_pair, read_raw
 
 import deltastream as ds
 from deltastream.errors import ParameterError
+
+from common import make_pair, read_raw
 
 SPECS = {"layers.0.mlp.w": ("BF16", (64, 48)), "layers.0.attn.w": ("F16", (32, 40)),
          "layers.1.mlp.w": ("F32", (24, 16)), "layers.0.norm": ("BF16", (48,))}

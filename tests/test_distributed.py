@@ -3,9 +3,10 @@
 import os
 
 import pytest
-from common import make_pair, read_raw
 
 import deltastream as ds
+
+from common import make_pair, read_raw
 
 distributed = pytest.importorskip("distributed")
 

@@ -13,9 +13,9 @@ import os
 import pytest
 
 import deltastream as ds
-from common import read_raw
-
 from deltastream.methods import method_from_config
+
+from common import read_raw
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 BASE = os.path.join(GOLDEN, "inputs", "base")

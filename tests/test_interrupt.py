@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+
 from common import make_pair, read_raw
 
 

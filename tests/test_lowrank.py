@@ -1,21 +1,20 @@
 """lowrank: Twin-Merging's rank-r SVD of each matrix's delta, by an out-of-core randomized SVD."""
 
+import functools
 import os
 
 import numpy as np
 import pytest
-from common import make_pair, read_raw, run_cli, write_checkpoint
 
 import deltastream as ds
 from deltastream.errors import CheckpointError, ParameterError
-import functools
-
 from deltastream.jobs.edit import edit as _edit_job
-
-edit_job = functools.partial(_edit_job, keep_state=True)  # white-box tests read the factors
 from deltastream.methods import get_method, method_from_config
 from deltastream.methods.lowrank import LowRank, _pieces
 
+from common import make_pair, read_raw, run_cli, write_checkpoint
+
+edit_job = functools.partial(_edit_job, keep_state=True)  # white-box tests read the factors
 
 # --- fixtures: checkpoints whose delta is low rank + a little noise ----------------------------
 
@@ -188,7 +187,7 @@ def test_compress_apply_equals_edit_bit_for_bit(tmp_path, chunk_size):
     assert read_raw(rebuilt) == read_raw(edited)
     ds.verify(art, base)
     info = {t["name"]: t for t in ds.info(art)["tensors"]}
-    for name, (dtype, shape) in SPECS.items():
+    for name, (_dtype, shape) in SPECS.items():
         assert info[name]["policy"] == ("lowrank" if len(shape) == 2 and "embed" not in name
                                         and "lm_head" not in name else "lossless")
 

@@ -5,11 +5,12 @@ import os
 
 import numpy as np
 import pytest
-from common import perturb, random_bits, read_raw, run_cli, tensor_f32, write_checkpoint
 
 import deltastream as ds
 from deltastream.errors import MismatchError, ParameterError
 from deltastream.merging import DeltastreamWarning
+
+from common import perturb, random_bits, read_raw, run_cli, tensor_f32, write_checkpoint
 
 SPECS = {"model.embed_tokens.weight": ("F32", (40, 16)), "model.layers.0.mlp.w": ("F32", (32, 24)),
          "model.layers.1.mlp.w": ("F32", (24, 24)), "model.layers.0.norm": ("F32", (24,))}

@@ -7,7 +7,6 @@ import pickle
 
 import numpy as np
 import pytest
-from common import read_raw, tensor_f32
 from test_merge import SPECS, config, write_models
 
 import deltastream as ds
@@ -20,6 +19,8 @@ from deltastream.merging.sparsifiers import DellaPrune, Outliers, TopK
 from deltastream.methods.dare import Dare
 from deltastream.methods.trim import Trim
 from deltastream.sources import ArtifactSource
+
+from common import read_raw, tensor_f32
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,14 @@ import os
 
 import numpy as np
 import pytest
-from common import check_edit_matches, make_pair, read_raw, tensor_f32, write_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import deltastream as ds
 from deltastream.errors import ParameterError
 from deltastream.rng import tensor_key, threshold_u32, uniform_u32
+
+from common import check_edit_matches, make_pair, read_raw, tensor_f32, write_checkpoint
 
 SPECS = {"layers.0.mlp.w": ("BF16", (48, 40)), "layers.0.attn.w": ("F32", (33, 17)),
          "layers.1.mlp.w": ("F16", (16, 64)), "layers.0.norm": ("BF16", (40,))}

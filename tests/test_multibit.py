@@ -6,12 +6,13 @@ import os
 
 import numpy as np
 import pytest
-from common import check_edit_matches, make_pair, read_raw, tensor_f32, write_checkpoint
 
 import deltastream as ds
 from deltastream.exact import magnitude_sum, total
 from deltastream.methods import BitDelta, get_method, method_from_config
 from deltastream.methods.multibit import MultiBit
+
+from common import check_edit_matches, make_pair, read_raw, tensor_f32, write_checkpoint
 
 SPECS = {"layers.0.mlp.w": ("BF16", (48, 40)), "layers.0.attn.w": ("F32", (33, 17)),
          "layers.1.mlp.w": ("F16", (16, 64)), "layers.0.norm": ("BF16", (40,))}

@@ -8,9 +8,10 @@ import sys
 import time
 
 import pytest
-from common import make_pair, read_raw
 
 import deltastream as ds
+
+from common import make_pair, read_raw
 
 
 def _journal_records(partial: str) -> int:
@@ -109,3 +110,19 @@ def test_merge_kill_then_resume(tmp_path, pair):
     assert subprocess.run([sys.executable, "-m", "deltastream.cli", "merge", str(cfg), "--chunk-size", "2KiB",
                            "-o", out, "-q", "--resume"]).returncode == 0
     assert read_raw(out) == read_raw(reference)
+
+
+def test_merge_resume_refuses_an_artifact_model_replaced_since_the_kill(tmp_path, pair):
+    from deltastream.errors import ParameterError
+
+    base, ft = pair
+    art = ds.compress(base, ft, str(tmp_path / "ft.dsz"))
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                   f"  - model: {art}\n    parameters: {{weight: 0.5}}\n")
+    out = str(tmp_path / "out")
+    _kill_midway(["merge", str(cfg), "--chunk-size", "2KiB", "-o", out], out + ".partial")
+    # the same path, another artifact (its chunk reads are not journaled: its digest is the plan's)
+    ds.compress(base, ft, art, "dare", p=0.5, overwrite=True)
+    with pytest.raises(ParameterError, match="made by a different job"):
+        ds.merge(str(cfg), out, chunk_size="2KiB", resume=True)

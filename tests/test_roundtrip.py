@@ -4,11 +4,12 @@ import os
 
 import numpy as np
 import pytest
-from common import ITEMSIZE, check_roundtrip, make_pair, read_raw
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import deltastream as ds
+
+from common import ITEMSIZE, check_roundtrip, make_pair, read_raw
 
 ODD_SHAPES = {"matrix": (37, 19), "vector": (101,), "scalar": (), "empty": (0, 5), "cube": (3, 4, 5)}
 
@@ -58,7 +59,7 @@ def test_unsafe_tensor_names_round_trip_inside_the_store(tmp_path):
     art = check_roundtrip(str(tmp_path / "in"), base, ft)
     outside = set(os.listdir(tmp_path))
     assert outside == {"in"}  # nothing written beside the inputs' folder
-    for folder, dirs, files in os.walk(art):
+    for _folder, dirs, files in os.walk(art):
         for f in dirs + files:
             assert f.isascii() and len(f) < 20  # only index-derived paths in the store
     assert {t["name"] for t in ds.info(art)["tensors"]} == set(names)
@@ -78,7 +79,9 @@ def test_same_inputs_give_the_same_artifact_chunks(tmp_path):
     base, ft = make_pair(str(tmp_path), {"w": ("BF16", (64, 64))})
     a = ds.compress(base, ft, str(tmp_path / "a.dsz"), chunk_size=1024, workers=1)
     b = ds.compress(base, ft, str(tmp_path / "b.dsz"), chunk_size=1024, workers=2)
-    chunks = lambda p: {f: open(os.path.join(p, "tensors/000000/delta/c", f), "rb").read()
-                        for f in os.listdir(os.path.join(p, "tensors/000000/delta/c"))}
+
+    def chunks(p):
+        return {f: open(os.path.join(p, "tensors/000000/delta/c", f), "rb").read()
+                for f in os.listdir(os.path.join(p, "tensors/000000/delta/c"))}
     assert chunks(a) == chunks(b)
     assert read_raw(ft)  # sanity: the fixture is non-empty

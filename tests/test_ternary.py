@@ -5,11 +5,12 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from common import tensor_f32
-from method_check import SPECS, check_method
 
 from deltastream.errors import ParameterError
 from deltastream.methods import get_method
+
+from common import tensor_f32
+from method_check import SPECS, check_method
 
 EDITED = [name for name, (_, shape) in SPECS.items() if len(shape) == 2]
 

@@ -6,10 +6,11 @@ import os
 
 import numpy as np
 import pytest
-from common import check_edit_matches, make_pair, read_raw, tensor_f32, write_checkpoint
 
 import deltastream as ds
 from deltastream.errors import ParameterError
+
+from common import check_edit_matches, make_pair, read_raw, tensor_f32, write_checkpoint
 
 SPECS = {"model.embed_tokens.weight": ("BF16", (32, 8)), "layers.0.mlp.w": ("BF16", (48, 40)),
          "layers.0.attn.w": ("F32", (33, 17)), "layers.0.norm": ("BF16", (40,)),

@@ -20,7 +20,6 @@ import tracemalloc
 import crc32c
 import numpy as np
 import pytest
-from common import error_line, make_pair, read_raw, run_cli, tree_digest, write_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,6 +31,8 @@ from deltastream.dtypes import DTYPES
 from deltastream.errors import ParameterError, WrongBaseError
 from deltastream.jobs.compress import compress
 from deltastream.methods import get_method, method_from_config
+
+from common import error_line, make_pair, read_raw, run_cli, tree_digest, write_checkpoint
 
 SIDE = {"config.json": '{"model_type": "llama"}', "tokenizer.json": '{"version": "1.0", "model": {}}'}
 SPECS = {"layers.0.w": ("BF16", (16, 8)), "norm": ("F32", (8,))}
@@ -244,7 +245,8 @@ def test_array_metadata_must_be_the_planned_one(made, art, tmp_path, capsys):
     for field, value, fragment in [
             ("data_type", "uint32", differs + "dtype <u4 where this version's method plans <u2"),
             ("shape", [10**12], differs + f"length {10**12} where"),
-            ("chunk_grid", {"name": "regular", "configuration": {"chunk_shape": [7]}}, differs + "chunk length 7 where"),
+            ("chunk_grid", {"name": "regular", "configuration": {"chunk_shape": [7]}},
+             differs + "chunk length 7 where"),
             ("codecs", [{"name": "bytes"}], "array metadata is not an array deltastream writes (its codec chain"),
             ("data_type", "bfloat16", "array metadata is not an array deltastream writes (its data_type \"bfloat16\""),
             ("fill_value", 1, "array metadata does not match the manifest (fill_value is 1, expected 0)")]:

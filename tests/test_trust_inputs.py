@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from common import error_line, make_pair, read_raw, run_cli, tree_digest, write_safetensors
 
 from deltastream.checkpoint import open_checkpoint, read_bits
 from deltastream.errors import CheckpointError
+
+from common import error_line, make_pair, read_raw, run_cli, tree_digest, write_safetensors
 
 #: a read that blocks (a FIFO) fails the test instead of hanging the suite
 pytestmark = pytest.mark.usefixtures("no_hang")

@@ -6,9 +6,10 @@ import os
 
 import numpy as np
 import pytest
-from common import error_line, read_raw, run_cli, tensor_f32, tree_digest, write_checkpoint
 
 import deltastream as ds
+
+from common import error_line, read_raw, run_cli, tensor_f32, tree_digest, write_checkpoint
 
 W = "layers.0.w"  # the tensor the cases put a NaN or an infinity in
 AT = 37  # its flat index: in the second chunk at --chunk-size 128
@@ -255,8 +256,8 @@ DTYPE_SPECS = {"layers.0.w": ("BF16", (16, 8)), "layers.0.e4m3": ("F8_E4M3", (16
 EXACT = ("layers.0.e4m3", "layers.0.e5m2", "layers.0.c", "layers.0.i")
 #: every method, with parameters that give it work on tiny tensors
 EVERY_METHOD = [("lossless", {}), ("dare", {"p": 0.5}), ("biased", {}), ("bitdelta", {}),
-                ("multibit", {"bits": 2}), ("dare_bitdelta", {"p": 0.5}), ("extrapolate", {}), ("trim", {}), ("ternary", {}),
-                ("lowrank", {"rank_fraction": 0.5})]
+                ("multibit", {"bits": 2}), ("dare_bitdelta", {"p": 0.5}), ("extrapolate", {}), ("trim", {}),
+                ("ternary", {}), ("lowrank", {"rank_fraction": 0.5})]
 
 
 @pytest.fixture

@@ -10,10 +10,11 @@ import re
 import time
 
 import pytest
-from common import error_line, make_pair, run_cli, tree_digest
 
 import deltastream as ds
 from deltastream.errors import ParameterError
+
+from common import error_line, make_pair, run_cli, tree_digest
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ as a :class:`Preset`, and used twice: as zarr codec objects for the array metada
 same numcodecs codecs applied by the tasks directly. Going around zarr's write path (an event
 loop hop, a chunk-sized copy and an array open per write) is 1.2x faster per chunk in isolation
 (benchmarks/micro.py) and, with the other changes of that commit, took a 0.5B lossless compress
-from 4.5 s to 1.8 s; the bytes are exactly what zarr writes and reads (tests/test_artifact_format.py reads them with zarr).
+from 4.5 s to 1.8 s; the bytes are exactly what zarr writes and reads (tests/test_artifact_format.py reads them with
+zarr).
 
 A damaged chunk fails its CRC-32C (the last 4 bytes, little-endian, over the compressed bytes).
 """
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 import crc32c
 import numpy as np
 from numcodecs import Blosc, Zstd
-from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
+from zarr.codecs import BloscCname, BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
+
 from ..checkpoint.writer import start_writeback
 
 __all__ = ["Preset", "PRESETS", "ChecksumError", "encode_chunk", "decode_chunk", "write_file_atomic"]
@@ -39,10 +41,10 @@ class Preset:
     zstd: int | None = None
 
     def zarr_compressors(self, dtype: np.dtype) -> list:
-        codecs = []
+        codecs: list = []
         if self.blosc:
             cname, clevel, shuffle = self.blosc
-            codecs.append(BloscCodec(cname=cname, clevel=clevel, shuffle=BloscShuffle[shuffle],
+            codecs.append(BloscCodec(cname=BloscCname(cname), clevel=clevel, shuffle=BloscShuffle[shuffle],
                                      typesize=np.dtype(dtype).itemsize, blocksize=0))
         elif self.zstd is not None:
             codecs.append(ZstdCodec(level=self.zstd))
@@ -86,15 +88,15 @@ def encode_chunk(data: np.ndarray, preset: Preset) -> tuple[bytes | np.ndarray, 
     data = np.ascontiguousarray(data)
     codec = preset.numcodec()
     payload = codec.encode(data) if codec is not None else data.view(np.uint8)
-    return payload, crc32c.crc32c(payload).to_bytes(4, "little")
+    return payload, crc32c.crc32c(payload).to_bytes(4, "little")  # type: ignore[arg-type]  # an ndarray is a buffer; numpy declares __buffer__ only for Python >= 3.12
 
 
-def decode_chunk(raw: bytes, preset: Preset, out: np.ndarray) -> np.ndarray:
+def decode_chunk(raw: bytes | bytearray, preset: Preset, out: np.ndarray) -> np.ndarray:
     """Check the CRC and decode into ``out`` (the chunk's full length and dtype)."""
     if len(raw) < 4:
         raise ChecksumError(f"chunk is {len(raw)} bytes, too short for its checksum")
     payload = np.frombuffer(raw, np.uint8, count=len(raw) - 4)  # a view; crc32c takes arrays
-    if crc32c.crc32c(payload) != int.from_bytes(raw[-4:], "little"):
+    if crc32c.crc32c(payload) != int.from_bytes(raw[-4:], "little"):  # type: ignore[arg-type]  # an ndarray is a buffer; numpy declares __buffer__ only for Python >= 3.12
         raise ChecksumError("stored and computed CRC-32C differ")
     codec = preset.numcodec()
     if codec is None:

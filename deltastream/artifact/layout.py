@@ -28,7 +28,7 @@ LAYOUT_FIELDS = ("zarr_format", "node_type", "shape", "data_type", "chunk_grid",
 _DATA_TYPES = ("uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float32", "float64")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _array_template(dtype: str, preset: str) -> dict:
     """zarr's own metadata for a 1-D array of this dtype and codec chain (shape to be filled)."""
     store = zarr.storage.MemoryStore()

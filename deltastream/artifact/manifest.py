@@ -29,11 +29,21 @@ from ..errors import ArtifactError, DeltastreamError, escape, tensor_context
 from ..methods import Method, StoredArray, method_from_config
 from ..methods.lossless import Lossless
 from ..policy import GROWN, LOSSLESS, NEW
-from .fields import (Bad as _Bad, as_dict as _dict, as_list as _list, crcs as _crcs, get as _get, integer as _integer,
-                     need as _need, number as _number, shape as _shape, show as _show, string as _string,
-                     strings as _strings, U32)
+from .fields import U32
+from .fields import Bad as _Bad
+from .fields import as_dict as _dict
+from .fields import as_list as _list
+from .fields import crcs as _crcs
+from .fields import get as _get
+from .fields import integer as _integer
+from .fields import need as _need
+from .fields import number as _number
+from .fields import shape as _shape
+from .fields import show as _show
+from .fields import string as _string
+from .fields import strings as _strings
 from .layout import layout_difference
-from .store import read_root_attrs, recorded_array, read_side_file, read_state_arrays, side_file_size, tensor_key
+from .store import read_root_attrs, read_side_file, read_state_arrays, recorded_array, side_file_size, tensor_key
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ATTRS_KEY", "TensorEntry", "Manifest", "load_manifest",
            "new_manifest", "manifest_digest", "MAX_TENSOR_BYTES", "MAX_CHUNK_BYTES"]

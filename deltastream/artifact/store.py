@@ -39,8 +39,9 @@ from .layout import LAYOUT_FIELDS, array_meta, layout_difference, recorded_layou
 
 __all__ = [
     "tensor_key", "create_arrays", "write_chunk", "read_chunk", "valid_len", "chunk_file", "read_file", "read_json",
-    "check_array_meta", "recorded_array", "write_state_arrays", "read_state_arrays", "write_side_files", "read_side_file",
-    "side_file_size", "write_root_attrs", "read_root_attrs", "stored_bytes", "MAX_MANIFEST_BYTES", "FileRefused",
+    "check_array_meta", "recorded_array", "write_state_arrays", "read_state_arrays", "write_side_files",
+    "read_side_file", "side_file_size", "write_root_attrs", "read_root_attrs", "stored_bytes", "MAX_MANIFEST_BYTES",
+    "FileRefused",
 ]
 
 #: the largest root zarr.json read (the manifest: ~40 bytes per chunk of the model)

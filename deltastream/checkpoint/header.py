@@ -102,8 +102,10 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     doc = dict(pairs)
     if len(doc) != len(pairs):
         seen: set[str] = set()
-        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _NotJSON(f"duplicate key '{escape(duplicate)}'")
+        for k, _ in pairs:
+            if k in seen:
+                raise _NotJSON(f"duplicate key '{escape(k)}'")
+            seen.add(k)
     return doc
 
 
@@ -126,7 +128,7 @@ def _no_constant(literal: str) -> float:
     raise _NotJSON(f"{literal} is not a finite JSON number")
 
 
-def _depth(raw: bytes) -> int:
+def _depth(raw: bytes | bytearray) -> int:
     """How deeply the JSON nests, counted before parsing (the parser recurses once per level):
     brackets outside strings, a block at a time so that a hostile header costs no more than its size."""
     text = np.frombuffer(raw.replace(b"\\\\", b"").replace(b'\\"', b""), np.uint8)  # escapes hide no quote
@@ -157,7 +159,7 @@ def _lone_surrogate(value: object) -> str | None:
     return None
 
 
-def load_json(path: str, raw: bytes, what: str) -> object:
+def load_json(path: str, raw: bytes | bytearray, what: str) -> object:
     """Parse a header or index as strictly as serde_json does, each refusal one line naming ``path``."""
     if _depth(raw) > MAX_JSON_DEPTH:
         raise _fail(path, f"invalid {what} JSON: nested deeper than {MAX_JSON_DEPTH} levels")
@@ -235,7 +237,8 @@ def _is_size(value: object) -> bool:
 def _parse_entry(path: str, name: str, entry: object, data_start: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise _fail(path, "invalid header entry: not an object", name)
-    dtype = dtype_by_name(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
+    dtype_name = entry.get("dtype")
+    dtype = dtype_by_name(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
         raise _fail(path, f"unknown dtype {show(entry.get('dtype'))}", name)
     shape = entry.get("shape")

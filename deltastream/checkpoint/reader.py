@@ -107,7 +107,8 @@ def _read_index(path: str) -> tuple[list[Header], dict[str, str]]:
     with open_regular(path, MAX_INDEX_BYTES, "index") as f:
         index = load_json(path, f.read(MAX_INDEX_BYTES), "index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    if (not isinstance(index, dict) or not isinstance(weight_map, dict)
+            or not all(isinstance(v, str) for v in weight_map.values())):
         raise CheckpointError(f"{tensor_context(path)}: invalid index: no 'weight_map' of tensor -> file")
     if not isinstance(index.get("metadata", {}), dict):  # transformers reads it as an object
         raise CheckpointError(f"{tensor_context(path)}: invalid index: 'metadata' is not an object")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..dtypes import dtype_by_name
+from ..dtypes import DTYPES
 from ..errors import DeltastreamError, tensor_context
 from ..units import format_size
 from .reader import INDEX_NAME, SINGLE_NAME
@@ -64,7 +64,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * dtype_by_name(self.dtype).itemsize
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
 
 
 def shard_name(i: int, n: int) -> str:
@@ -203,7 +203,7 @@ def _full(exc: OSError, path: str, tensor: str | None = None) -> DiskFullError |
 
 def write_at(path: str, offset: int, data: np.ndarray, tensor: str = "") -> None:
     """Write an array's bytes at an absolute file offset (called from tasks, any process)."""
-    view = memoryview(np.ascontiguousarray(data)).cast("B")
+    view = memoryview(np.ascontiguousarray(data)).cast("B")  # type: ignore[arg-type]  # an ndarray is a buffer; numpy declares __buffer__ only for Python >= 3.12
     try:
         fd = os.open(path, _WRITE)
         try:

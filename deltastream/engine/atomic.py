@@ -26,11 +26,15 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from ..checkpoint.writer import FULL_ERRNOS, DiskFullError, free_space, space_note
 from ..errors import DeltastreamError, Interrupted, OutputExistsError, ParameterError, escape, tensor_context
 from ..units import format_size
 from .journal import NAME as JOURNAL
+
+if TYPE_CHECKING:  # graph imports this module
+    from .graph import RunOptions
 
 __all__ = ["atomic_output", "job_output", "partial_path", "handle_signals", "sync_tree", "LOCK"]
 
@@ -317,8 +321,8 @@ def _signals_held() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def job_output(path: str, *, overwrite: bool, inputs: list[str], resume: bool, plan: dict, options,
-               needed: int | None = None) -> Iterator[tuple[str, object]]:
+def job_output(path: str, *, overwrite: bool, inputs: list[str], resume: bool, plan: dict, options: RunOptions,
+               needed: int | None = None) -> Iterator[tuple[str, RunOptions]]:
     """atomic_output plus the job's journal: yields (partial folder, run options that journal
     every finished task there), so that a killed run can be resumed with ``resume``."""
     from dataclasses import replace

@@ -24,8 +24,8 @@ from typing import Any
 import dask
 import dask.local
 import dask.threaded
-from dask.task_spec import DataNode, Task, TaskRef
 from dask.callbacks import Callback
+from dask.task_spec import DataNode, Task, TaskRef
 
 from .journal import journaled
 from .progress import Progress
@@ -80,7 +80,7 @@ def run_reduce(fn: Callable[..., Any], tasks: Sequence[Any], *, group_of: Callab
     for key, task in zip(keys, tasks):
         groups.setdefault(group_of(task), []).append(key)
     roots = []
-    for g, (group, members) in enumerate(groups.items()):
+    for g, members in enumerate(groups.values()):
         level = 0
         while len(members) > 1:
             folded = []
@@ -202,7 +202,7 @@ def _run_distributed(graph, keys, sizes, progress, options: RunOptions) -> list[
     cluster = None
     if options.client is not None:
         client = options.client
-    elif options.scheduler.startswith("local:"):  # a LocalCluster of N worker processes, for this run
+    elif options.scheduler is not None and options.scheduler.startswith("local:"):  # N worker processes, this run
         cluster = local_cluster(int(options.scheduler.split(":", 1)[1]))
         client = Client(cluster, set_as_default=False)
     else:

@@ -104,7 +104,8 @@ def journaled(fn, entry: Entry, task, *shared):
                 raise CheckpointError(f"{tensor_context(path, tensor)}: changed since the interrupted run; "
                                      "run without --resume to start over")
         return result
-    READS.ranges = ranges = []
+    ranges: list[tuple] = []
+    READS.ranges = ranges
     try:
         result = fn(task, *shared)
     finally:

@@ -58,9 +58,14 @@ def check_chunk(task: RebuildTask, source: ArtifactSource) -> dict:
 
 
 def provenance(manifest: Manifest) -> dict[str, str]:
-    """The rebuilt checkpoint's safetensors metadata: the fine-tune's own, and what made it (the
-    method, its parameters as JSON, the seed, the artifact's manifest_sha256)."""
-    return {**(manifest.doc.get("fine_tune_metadata") or {}), "deltastream_method": manifest.method.method_id,
+    """The rebuilt checkpoint's safetensors metadata: the fine-tune's own and, for a lossy
+    artifact, what made it (the method, its parameters as JSON, the seed, the artifact's
+    manifest_sha256), so an edited model is never taken for the original. A lossless rebuild is
+    the fine-tune, metadata included: nothing is added."""
+    own = dict(manifest.doc.get("fine_tune_metadata") or {})
+    if not manifest.method.lossy:
+        return own
+    return {**own, "deltastream_method": manifest.method.method_id,
             "deltastream_params": json.dumps(manifest.method.get_config(), sort_keys=True),
             "deltastream_seed": str(manifest.doc.get("seed") or 0), "deltastream_artifact": manifest.digest}
 

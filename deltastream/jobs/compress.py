@@ -15,14 +15,20 @@ import os
 from dataclasses import dataclass
 
 from ..artifact import manifest as mf
-from ..artifact.store import create_arrays, tensor_key, write_chunk, write_root_attrs, write_side_files, \
-    write_state_arrays
+from ..artifact.store import (
+    create_arrays,
+    tensor_key,
+    write_chunk,
+    write_root_attrs,
+    write_side_files,
+    write_state_arrays,
+)
 from ..checkpoint import TensorInfo, head_crc32c, open_checkpoint, read_bits
 from ..checksum import crc32c
 from ..engine import RunOptions, job_output, run_reduce
 from ..errors import ParameterError
-from ..methods import METHODS, Method, StoredArray
 from ..exact import NonFinite
+from ..methods import METHODS, Method, StoredArray
 from ..methods.base import ChunkContext, combine_partials, non_finite_error
 from ..plan import DEFAULT_CHUNK_BYTES, pair_tensors
 from ..policy import Policy
@@ -70,7 +76,7 @@ def compress_chunk(task: CompressTask, *states: dict) -> dict:
     for i, (t, state) in enumerate(zip(task.targets, states)):
         ctx = with_state(t.ctx, state)
         ft = read_bits(t.ft, ctx.start, ctx.stop)
-        result = {**shared, "ft_crc_list": [crc32c(ft)]}
+        result: dict[str, object] = {**shared, "ft_crc_list": [crc32c(ft)]}
         try:
             encoded, result["post"] = t.method.encode_with_stats(base, ft, ctx)
         except NonFinite:
@@ -169,10 +175,10 @@ def _write_pass(outputs: list[tuple[str, list[TensorJob]]], seed: int, options: 
     """The write pass of one or more artifacts, sharing each base chunk read; the manifest
     entries of each output's tensors."""
     tasks: dict[tuple[str, int, int], list[Target]] = {}
-    base_of: dict[str, tuple] = {}
+    base_of: dict[str, tuple[TensorInfo | None, int]] = {}
     targets_of: dict[str, int] = {}  # tensor name -> how many outputs have it so far
-    slots = []  # per output: tensor name -> its target index in that tensor's tasks
-    states = []  # each tensor's state, once in the graph
+    slots: list[dict[str, int]] = []  # per output: tensor name -> its target index in that tensor's tasks
+    states: list[dict | None] = []  # each tensor's state, once in the graph
     for root, jobs in outputs:
         slots.append({})
         for job in jobs:

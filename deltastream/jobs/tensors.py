@@ -21,16 +21,16 @@ import numpy as np
 
 from ..checkpoint import Checkpoint, TensorInfo, load_side_file, read_bits
 from ..engine import RunOptions, run_reduce
-from ..methods import Method
 from ..exact import NonFinite
-from ..methods.base import ChunkContext, combine_partials, non_finite_error
+from ..methods import Method
+from ..methods.base import ChunkContext, combine_partials, float_delta, non_finite_error
 from ..methods.lossless import Lossless
 from ..plan import Chunk, TensorPlan
 from ..policy import Policy
 from ..sources import CheckpointSource, PaddedBase, Readable, read_pair_base
 
-__all__ = ["StatsJob", "StatsTask", "TensorJob", "batches", "prepare_jobs", "read_pair", "read_pair_base", "run_stats_passes",
-           "stats_chunk", "tied_aliases", "with_state"]
+__all__ = ["StatsJob", "StatsTask", "TensorJob", "batches", "prepare_jobs", "read_pair", "read_pair_base",
+           "run_stats_passes", "stats_chunk", "tied_aliases", "with_state"]
 
 _EXACT = Lossless()
 
@@ -114,8 +114,10 @@ class StatsJob(Protocol):
     """What the stats passes need of a tensor to edit: compress's and edit's TensorJob, merge's
     SparsifierJob (one model's tensor, perhaps decoded from an artifact)."""
 
-    method: Method
     state: dict
+
+    @property
+    def method(self) -> Method: ...
 
     @property
     def name(self) -> str: ...
@@ -142,7 +144,7 @@ class StatsTask:
 def stats_chunk(task: StatsTask, state: dict):
     ctx = with_state(task.ctx, state)
     base, ft = task.base.read(ctx.start, ctx.stop), task.ft.read(ctx.start, ctx.stop)
-    delta = task.method.delta(base, ft, ctx)
+    delta = float_delta(base, ft, ctx)
     try:
         if task.pass_index < 0:
             return task.method.post_stats(delta, ctx)

@@ -3,10 +3,10 @@
 (The package is ``merging`` so that it does not shadow the ``deltastream.merge`` function.)
 """
 
+from ..errors import DeltastreamWarning
 from .config import MergeConfig, load_merge_config
 from .job import merge
 from .methods import MERGE_METHODS
-from ..errors import DeltastreamWarning
 from .plan import build_plan
 from .sparsifiers import SPARSIFIERS
 

@@ -93,11 +93,13 @@ def _merged_bits(task: MergeTask, inputs: MergeInputs, s: int, e: int) -> np.nda
     if task.linear:
         merged = linear([_f32(p.source, s, e) for p in inputs.parts], weights, task.normalize)
     else:
+        spec = task.spec
+        assert spec is not None  # merge_chunk copies a tensor without one
         base = _f32(inputs.base, s, e)
         deltas = [_sparsified(part, base, task, inputs) for part in inputs.parts]
         # combined a slice at a time: the temporaries stay small and in cache
         for a, b in slices(e - s):
-            base[a:b] = combine(base[a:b], [d[a:b] for d in deltas], weights, task.spec,
+            base[a:b] = combine(base[a:b], [d[a:b] for d in deltas], weights, spec,
                                 normalize=task.normalize, lam=task.lam, official=task.official)
         merged = base
     return from_float32(np.ascontiguousarray(merged, np.float32), DTYPES[task.out_dtype],

@@ -39,8 +39,10 @@ def merge(config: str, out: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, memo
     """Merge the config's models into the checkpoint folder ``out``; return its path. ``chunk_bytes``
     is the largest input chunk, shrunk to fit ``memory`` (bytes for the chunks in flight)."""
     plan = build_plan(config, chunk_bytes=chunk_bytes, memory=memory, seed=seed, strict=strict, options=options)
+    # an artifact model's chunk reads are not journaled as a checkpoint's are: its manifest
+    # digest (which covers every stored chunk's CRC) stands for them, so a replaced one is noticed
     fingerprint = {"merge": plan.cfg.text, "seed": seed, "chunk": plan.chunk_bytes, "strict": strict,
-                   "shard": max_shard_size}
+                   "shard": max_shard_size, "artifacts": plan.artifacts}
     with job_output(out, overwrite=overwrite, inputs=plan.inputs, resume=resume, plan=fingerprint,
                     options=options) as (folder, options):
         execute(plan, folder, max_shard_size, resume, options)

@@ -54,7 +54,8 @@ MERGE_METHODS = {
     "della_linear": MergeSpec(False, "della", False, True),
 }
 #: the per-model parameters of each sparsification kind (weight, and what its sparsifier reads)
-PER_MODEL = {None: ("weight",), **{kind: ("weight", *s.parameters) for kind, s in SPARSIFIERS.items()}}
+PER_MODEL: dict[str | None, tuple[str, ...]] = {
+    None: ("weight",), **{kind: ("weight", *s.parameters) for kind, s in SPARSIFIERS.items()}}
 GLOBAL = ("normalize", "rescale", "lambda", "int8_mask", "consensus", "global_trim")
 
 

@@ -74,6 +74,7 @@ class MergePlan:
     chunk_bytes: int
     seed: int
     inputs: list[str]  # every file read: what the output must never overwrite
+    artifacts: list[str]  # the artifact models' manifest_sha256: a resume must read the same ones
 
     def tasks(self, location) -> tuple[list[MergeTask], list[MergeInputs]]:
         """The write pass: every chunk of every tensor, placed by ``location(name)``, and each
@@ -115,7 +116,8 @@ def build_plan(config: str, *, chunk_bytes: int, memory: int, seed: int, strict:
     tensors = [_tensor(cfg, name, src, models, strict, layers) for name, src in reference.tensors.items()]
     inputs = [cfg.path] + (base.files if base else []) + [p for m in models for p in m.files]
     jobs = _sparsifier_jobs(cfg, spec, flags, tensors, layers, chunk_bytes)
-    return MergePlan(cfg, spec, flags, reference, tensors, jobs, chunk_bytes, seed, inputs)
+    return MergePlan(cfg, spec, flags, reference, tensors, jobs, chunk_bytes, seed, inputs,
+                     [m.digest for m in models if m.digest])
 
 
 def _spec(cfg: MergeConfig) -> MergeSpec:

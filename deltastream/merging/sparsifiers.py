@@ -145,7 +145,7 @@ class Sparsifier:
 
     method: type[Method]
     parameters: tuple[str, ...]
-    build: Callable[[dict, bool, str], Method]
+    build: Callable[[dict, bool, str], LossyMethod]
 
 
 def _density(values: dict) -> float:
@@ -163,7 +163,7 @@ SPARSIFIERS: dict[str, Sparsifier] = {
 }
 
 
-def sparsifier(kind: str | None, values: dict, rescale: bool, scope: str = "tensor") -> Method | None:
+def sparsifier(kind: str | None, values: dict, rescale: bool, scope: str = "tensor") -> LossyMethod | None:
     """The per-(model, tensor) sparsifier, or None when it keeps everything (density >= 1)."""
     if kind is None or _density(values) >= 1:
         return None

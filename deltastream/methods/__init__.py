@@ -52,6 +52,11 @@ def method_from_config(config: dict[str, Any]) -> Method:
     name = config.pop("id")
     if name == BitDelta.method_id and "bits" in config:
         bits = config.pop("bits")
-        if bits:
+        if bits:  # the old code allowed bits >= 1 only with these; anything else is not a real artifact
+            legacy = {"per": "tensor", "residual": 0, "zero": "plus"}
+            if any(config.get(k, v) != v for k, v in legacy.items()):
+                raise ParameterError(f"method 'bitdelta': bits={bits} (multi-bit) with "
+                                     f"{', '.join(f'{k}={config[k]}' for k in legacy if k in config)}: not a "
+                                     "configuration any version wrote")
             name, config = MultiBit.method_id, {"bits": bits, "scale": config.get("scale", 1.0)}
     return get_method(name, **config)

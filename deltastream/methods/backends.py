@@ -19,7 +19,10 @@ fast path it was not checked against. Tests, benchmarks and docs list kernels fr
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from .base import Method
 
 __all__ = ["ROLES", "BACKENDS", "register", "backend_of", "find", "implementations", "Implementation"]
 
@@ -29,7 +32,7 @@ _REGISTRY: dict[tuple[type, str, str, str], Callable] = {}
 
 
 class Implementation(NamedTuple):
-    method: type
+    method: type[Method]
     role: str
     backend: str
     dtypes: tuple[str, ...]
@@ -54,10 +57,13 @@ def backend_of(device: str) -> str:
 
 
 def find(method, role: str, device: str, dtype_name: str) -> Callable | None:
-    """The implementation of ``role`` for this method instance, device and dtype, or None (numpy)."""
-    backend = backend_of(device)
-    fn = _REGISTRY.get((type(method), role, backend, dtype_name))
-    return fn if fn is not None and method.implements(role, backend) else None
+    """The implementation of ``role`` for this method instance, device and dtype, or None (numpy).
+    A chunk on a torch device that the method has no torch path for runs on the CPU's kernels."""
+    for backend in dict.fromkeys((backend_of(device), "numba")):
+        fn = _REGISTRY.get((type(method), role, backend, dtype_name))
+        if fn is not None and method.implements(role, backend):
+            return fn
+    return None
 
 
 def implementations(backend: str | None = None) -> list[Implementation]:

@@ -53,8 +53,8 @@ from ..rng import tensor_key
 from ..scratch import scratch
 from . import backends
 
-__all__ = ["Method", "LossyMethod", "Edit", "Encoding", "StoredArray", "ChunkContext", "combine_partials", "NonFiniteDelta",
-           "non_finite_error"]
+__all__ = ["Method", "LossyMethod", "Edit", "Encoding", "StoredArray", "ChunkContext", "combine_partials",
+           "NonFiniteDelta", "non_finite_error", "float_delta"]
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def non_finite_error(method: Method, ctx: ChunkContext, ft, base, ft_bits: np.nd
     in the tensor, and the file (``ft``/``base``: the inputs' TensorInfo, base None if new) whose
     value makes it so. Runs on the error path only."""
     f, b = _values(ft_bits, ctx.dtype), _values(base_bits, ctx.dtype)
-    bad = np.flatnonzero(~np.isfinite(method.delta(base_bits, ft_bits, ctx)))
+    bad = np.flatnonzero(~np.isfinite(float_delta(base_bits, ft_bits, ctx)))
     why = (f"method '{method.method_id}' computes figures over the whole tensor and refuses a non-finite delta; "
            f"keep it exact with --exclude '{escape(ft.name)}'")
     if bad.size == 0:  # not from the inputs (cannot happen with the methods here): say where
@@ -148,6 +148,22 @@ def non_finite_error(method: Method, ctx: ChunkContext, ft, base, ft_bits: np.nd
     else:
         where, what = ft.path, f"element {at}: its delta {fv:.6g} - {bv:.6g} overflows float32"
     return NonFiniteDelta(f"{tensor_context(where, ft.name)}: {what}", why)
+
+
+def float_delta(base: np.ndarray, ft: np.ndarray, ctx: ChunkContext) -> np.ndarray:
+    """f32(ft) - f32(base); for F64, the exact difference rounded once to float32 (the same for
+    every lossy method, so the error path of any method recomputes it)."""
+    out = scratch("lossy.delta", ft.size, np.float32)
+    if ctx.dtype.name == "BF16":
+        kernels.bf16_delta(base, ft, out)
+        return out
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, carried or refused later
+        if ctx.dtype.name == "F64":
+            np.subtract(ft.view(np.float64), base.view(np.float64), out=out, casting="same_kind")
+            return out
+        to_float32(ft, ctx.dtype, out=out)
+        out -= to_float32(base, ctx.dtype, out=scratch("lossy.base", base.size, np.float32))
+    return out
 
 
 def _values(bits: np.ndarray, dtype: DType) -> np.ndarray:
@@ -275,18 +291,8 @@ class LossyMethod(Method):
     """
 
     def delta(self, base: np.ndarray, ft: np.ndarray, ctx: ChunkContext) -> np.ndarray:
-        """f32(ft) - f32(base); for F64, the exact difference rounded once to float32."""
-        out = scratch("lossy.delta", ft.size, np.float32)
-        if ctx.dtype.name == "BF16":
-            kernels.bf16_delta(base, ft, out)
-            return out
-        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, carried or refused later
-            if ctx.dtype.name == "F64":
-                np.subtract(ft.view(np.float64), base.view(np.float64), out=out, casting="same_kind")
-                return out
-            to_float32(ft, ctx.dtype, out=out)
-            out -= to_float32(base, ctx.dtype, out=scratch("lossy.base", base.size, np.float32))
-        return out
+        """f32(ft) - f32(base): float_delta."""
+        return float_delta(base, ft, ctx)
 
     def output_bits(self, base: np.ndarray, edited: np.ndarray, ctx: ChunkContext) -> np.ndarray:
         """round(f32(base) + edited) in the tensor's dtype (edited is overwritten); F64 adds in

@@ -109,8 +109,9 @@ class BitDelta(Encoding):
     def _alpha(self, combined: dict | None, ctx_rows: int) -> float | np.ndarray:
         s = self.params.scale
         if self.params.per == "tensor":
-            count = combined["count"] if combined else 0
-            return s * total(combined["abs"]) / count if count else 0.0
+            if not combined or not combined["count"]:
+                return 0.0
+            return s * total(combined["abs"]) / combined["count"]
         sums, counts = [0] * ctx_rows, [0] * ctx_rows
         for row, fixed, count in (combined or {}).get("rows_list", []):
             sums[row] += fixed

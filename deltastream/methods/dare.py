@@ -144,7 +144,8 @@ class Dare(Encoding):
     def edit_delta(self, delta, ctx):
         """The same bits as decode(encode()), with one draw of the mask instead of two."""
         if self.params.k == 0:  # one fused pass: draw, compare, scale or zero
-            dare_kernels.dare_scale_kept(delta, *ctx.rng_key, ctx.start, keep_threshold(self.params.p), self.factor(ctx))
+            dare_kernels.dare_scale_kept(delta, *ctx.rng_key, ctx.start, keep_threshold(self.params.p),
+                                         self.factor(ctx))
             return delta
         return self._apply_mask(delta, keep_mask(ctx, self.params.p), ctx)
 
@@ -194,7 +195,7 @@ class Biased(Edit):
 
 
 # --- fast paths: numba (fused BF16 output; encode without a float delta) and torch --------------
-def _bf16_output(method: Dare, base, source, compact: bool, ctx) -> np.ndarray:
+def _bf16_output(method: Dare, base, source, compact: bool, ctx: ChunkContext) -> np.ndarray:
     """The whole output of a BF16 chunk in one kernel (k = 0): from ft (edit) or the kept entries."""
     out = scratch("lossy.out", ctx.size, np.uint16)
     kept = dare_kernels.dare_bf16_output(base, source, compact, *ctx.rng_key, ctx.start,
@@ -225,7 +226,8 @@ def _edit_torch_delta(method: Dare, delta, keep, ctx, dev):
 
 def _edit_torch(method: Dare, base, ft, ctx):
     return edit_on_device(base, ft, ctx, ctx.device,
-                          lambda delta, ctx, dev: _edit_torch_delta(method, delta, _keep_torch(method, ctx, dev), ctx, dev))
+                          lambda delta, ctx, dev: _edit_torch_delta(method, delta, _keep_torch(method, ctx, dev),
+                                                                    ctx, dev))
 
 
 def _decode_torch(method: Dare, base, stored, ctx):
@@ -266,7 +268,10 @@ def _encode_torch(method: Dare, base, ft, ctx):
 register(Dare, "edit", "numba", ("BF16",))(lambda m, base, ft, ctx: _bf16_output(m, base, ft, False, ctx))
 register(Dare, "decode", "numba", ("BF16",))(lambda m, base, stored, ctx: _bf16_output(m, base, stored.get("kept"),
                                                                                        True, ctx))
-register(Dare, "encode", "numba", COMPUTABLE_NAMES)(lambda m, base, ft, ctx: (m.encode_delta(None, base, ft, ctx), None))
+register(Dare, "encode", "numba", COMPUTABLE_NAMES)(
+    lambda m, base, ft, ctx: (m.encode_delta(None, base, ft, ctx), None))
+
+
 def _biased_torch(method: Biased, base, ft, ctx):
     import torch
 

@@ -117,7 +117,8 @@ def dare_bf16_output(base, source, compact, k0, k1, start, threshold, factor, ou
                 if kept >= source.size:
                     return kept + 1
                 z = np.uint32(source[kept])
-                ft_bits = (np.uint32(base[i]) + ((z >> np.uint32(1)) ^ (np.uint32(0) - (z & np.uint32(1))))) & np.uint32(0xFFFF)
+                unzigzag = (z >> np.uint32(1)) ^ (np.uint32(0) - (z & np.uint32(1)))
+                ft_bits = (np.uint32(base[i]) + unzigzag) & np.uint32(0xFFFF)
             else:
                 ft_bits = np.uint32(source[i])
             out[i] = _kept_bf16(base[i], ft_bits, factor)

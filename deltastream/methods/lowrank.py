@@ -97,7 +97,7 @@ class LowRankParams:
         check_range("lowrank", "power_iters", self.power_iters, 0)
 
 
-def _state_bytes(shape: tuple[int, ...], params: "LowRankParams") -> int:
+def _state_bytes(shape: tuple[int, ...], params: LowRankParams) -> int:
     """The driver's peak for one tensor: bases and partials of d x l and k x l in float64."""
     if len(shape) != 2:
         return 0
@@ -242,7 +242,7 @@ class LowRank(Encoding):
                     z[c: c_end] += np.outer(block, vec)
                     if i == 0:
                         fro2 += float(np.vdot(block, block))
-        out = {"z": z}
+        out: dict[str, object] = {"z": z}
         if i == 0:
             if not math.isfinite(fro2):  # the job names the element (methods.base.non_finite_error)
                 raise NonFinite("a NaN or infinite delta has no SVD")

@@ -77,7 +77,8 @@ class Ternary(Encoding):
 
     def stored_arrays(self, dtype, shape, chunk_elems, state):
         numel = math.prod(shape)
-        return [packed_array("kept", chunk_elems, numel), packed_array("signs", chunk_elems, numel, compression="front")]
+        return [packed_array("kept", chunk_elems, numel),
+                packed_array("signs", chunk_elems, numel, compression="front")]
 
     def encode_delta(self, delta, base, ft, ctx):
         kept = self._kept(delta, ctx)

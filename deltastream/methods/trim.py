@@ -23,6 +23,7 @@ them. No compact form: use ``edit``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -80,7 +81,7 @@ class RankPasses:
 
 class Trim(RankPasses, Edit):
     method_id = "trim"
-    Params = TrimParams
+    Params: ClassVar[type] = TrimParams  # declared: the merge sparsifiers derived from Trim have their own
     summary = "TIES trim: keep exactly the top-k |delta| (k = density * n) per tensor or over the model, zero the rest"
     widths = ranks.digit_widths(1)
 
