@@ -5,15 +5,14 @@ import pytest
 
 import deltastream as ds
 from deltastream.errors import ParameterError
+from deltastream.methods import METHODS
 
 from common import make_pair, read_raw
 
 SPECS = {"layers.0.mlp.w": ("BF16", (64, 48)), "layers.0.attn.w": ("F16", (32, 40)),
          "layers.1.mlp.w": ("F32", (24, 16)), "layers.0.norm": ("BF16", (48,))}
-CASES = [("dare", {"p": 0.9}), ("dare", {"p": 0.5, "k": -0.5}), ("dare", {"p": 0.6, "rescale": "l1"}),
-         ("dare", {"p": 0.3, "rescale": "none"}), ("bitdelta", {}), ("bitdelta", {"per": "row", "zero": "keep"}),
-         ("multibit", {"bits": 2}), ("extrapolate", {"alpha": 0.4}), ("biased", {"p": 0.5, "k": 0.7}),
-         ("trim", {"density": 0.3}), ("ternary", {"threshold": 0.5})]
+#: every lossy method with each parameter set it declares: the torch paths, and the CPU fallback
+CASES = [(name, params) for name, cls in sorted(METHODS.items()) if cls.lossy for params in cls.examples or ({},)]
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +77,8 @@ def test_device_names(pair):
             resolve_device("cuda")
 
 
-APPLY_CASES = [("dare", {"p": 0.9}), ("dare", {"p": 0.5, "k": -0.5}), ("dare", {"p": 0.6, "rescale": "l1"}),
-               ("bitdelta", {}), ("bitdelta", {"per": "row", "zero": "keep"}), ("bitdelta", {"residual": 1}),
-               ("lossless", {}), ("ternary", {})]
+APPLY_CASES = [(name, params) for name, cls in sorted(METHODS.items()) if cls.compact
+               for params in [{}, *cls.examples]]
 
 
 def _check_apply(pair, device, method, params):

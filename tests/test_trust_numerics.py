@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import deltastream as ds
+from deltastream.methods import METHODS
 
 from common import error_line, read_raw, run_cli, tensor_f32, tree_digest, write_checkpoint
 
@@ -254,10 +255,8 @@ DTYPE_SPECS = {"layers.0.w": ("BF16", (16, 8)), "layers.0.e4m3": ("F8_E4M3", (16
                "layers.0.e5m2": ("F8_E5M2", (16, 8)), "layers.0.c": ("C64", (4, 8)),
                "layers.0.d": ("F64", (16, 8)), "layers.0.i": ("I32", (4, 4))}
 EXACT = ("layers.0.e4m3", "layers.0.e5m2", "layers.0.c", "layers.0.i")
-#: every method, with parameters that give it work on tiny tensors
-EVERY_METHOD = [("lossless", {}), ("dare", {"p": 0.5}), ("biased", {}), ("bitdelta", {}),
-                ("multibit", {"bits": 2}), ("dare_bitdelta", {"p": 0.5}), ("extrapolate", {}), ("trim", {}),
-                ("ternary", {}), ("lowrank", {"rank_fraction": 0.5})]
+#: every method, with the first parameter set it declares (work on tiny tensors), else its defaults
+EVERY_METHOD = [(name, (cls.examples or ({},))[0]) for name, cls in sorted(METHODS.items())]
 
 
 @pytest.fixture

@@ -5,9 +5,10 @@ threaded scheduler (the default; numpy, zstd and file I/O release the GIL) or, w
 ``scheduler=ADDRESS``, on a ``dask.distributed`` cluster whose workers see the same paths.
 Memory is bounded by running at most ``workers`` tasks at a time, each holding one chunk.
 
-Keys come from content, never from position alone: (pass name and graph token, task index), the
-token made of the job's plan fingerprint and a fresh nonce, so jobs sharing one scheduler never
-share a key. Values many tasks use (a tensor's state) are nodes of their own, referenced by key.
+Keys name the job and the run, never a position alone: (pass name and graph token, task index),
+the token made of the job's plan fingerprint and a fresh nonce, so jobs sharing one scheduler never
+share a key (a task writes into its run's partial output: two runs' tasks must never be merged).
+Values many tasks use (a tensor's state) are nodes of their own, referenced by key.
 """
 
 from __future__ import annotations

@@ -177,6 +177,9 @@ class Method:
     method_id: ClassVar[str]
     Params: ClassVar[type]
     summary: ClassVar[str] = ""
+    #: parameter sets beyond the defaults that reach each of the method's paths (its options, the
+    #: conditions of its fast paths): the shared test kit runs every method with each of them
+    examples: ClassVar[tuple[dict[str, Any], ...]] = ()
     compact: ClassVar[bool] = True  # has an artifact form (compress accepts it)
     lossy: ClassVar[bool] = True  # computes in float32, on DType.computable dtypes only (policy.py)
 

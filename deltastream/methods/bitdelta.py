@@ -66,6 +66,7 @@ class BitDelta(Encoding):
     method_id = "bitdelta"
     Params = BitDeltaParams
     summary = "packed signs of the delta times one scale per tensor or row (BitDelta); residual levels"
+    examples = ({"per": "row", "zero": "keep"}, {"residual": 1})
 
     def __init__(self, params=None, **values):
         if "bits" in values:  # multi-bit BitDelta was bitdelta's bits parameter before

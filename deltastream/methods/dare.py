@@ -99,6 +99,7 @@ class Dare(Encoding):
     method_id = "dare"
     Params = DareParams
     summary = "random drop of a fraction p of the delta, rescaled (DARE); k: the paper's DARE-k"
+    examples = ({"p": 0.9}, {"p": 0.5, "k": -0.5}, {"p": 0.6, "rescale": "l1"}, {"p": 0.3, "rescale": "none"})
 
     def state_layout(self, shape):
         return {"factor": ("number", ())} if self.params.rescale == "l1" else {}
@@ -185,6 +186,7 @@ class Biased(Edit):
     method_id = "biased"
     Params = BiasedParams
     summary = "the paper's Table 1 'biased' DARE-k: the delta's sign instead of a random mask"
+    examples = ({"p": 0.3, "k": 0.2}, {"p": 0.5, "k": 0.7})
 
     def edit_delta(self, delta, ctx):
         p, k = self.params.p, self.params.k

@@ -43,6 +43,7 @@ class DareBitDelta(Encoding):
     method_id = "dare_bitdelta"
     Params = DareBitDeltaParams
     summary = "DARE's random drop, then the signs of the kept entries and one scale (densest storage)"
+    examples = ({"p": 0.5}, {"p": 0.5, "rescale": "none"})
 
     def state_layout(self, shape):
         return {"alpha": ("number", ())}

@@ -31,6 +31,7 @@ class Extrapolate(Edit):
     method_id = "extrapolate"
     Params = ExtrapolateParams
     summary = "W_POST + alpha * delta: extrapolation (EXPO, alpha > 0) or interpolation (alpha < 0)"
+    examples = ({"alpha": 0.4}, {"alpha": -0.5})
 
     def edit_delta(self, delta, ctx):
         with np.errstate(invalid="ignore"):  # alpha = -1 times an infinite delta: NaN, carried

@@ -183,6 +183,7 @@ class LowRank(Encoding):
     method_id = "lowrank"
     Params = LowRankParams
     summary = "rank-r SVD of each matrix's delta (Twin-Merging), out-of-core randomized SVD; stores the factors"
+    examples = ({"rank_fraction": 0.25},)
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
         return len(shape) == 2

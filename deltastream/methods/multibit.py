@@ -56,6 +56,7 @@ class MultiBit(RankPasses, Encoding):
     method_id = "multibit"
     Params = MultiBitParams
     summary = "signs and 2^bits equal-count magnitude blocks per tensor, each at its mean (multi-bit BitDelta)"
+    examples = ({"bits": 2}, {"bits": 2, "scale": 1.25})
 
     def __init__(self, params: MultiBitParams | None = None, **values):
         super().__init__(params, **values)

@@ -47,6 +47,7 @@ class Ternary(Encoding):
     method_id = "ternary"
     Params = TernaryParams
     summary = "TWN ternary delta: +-alpha where |delta| > threshold * mean|delta|, else 0 (two bit planes)"
+    examples = ({"threshold": 0.5}, {"threshold": 1.2, "scale": 0.5})
 
     def pre_passes(self, shape):
         return 1

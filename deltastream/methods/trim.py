@@ -83,6 +83,7 @@ class Trim(RankPasses, Edit):
     method_id = "trim"
     Params: ClassVar[type] = TrimParams  # declared: the merge sparsifiers derived from Trim have their own
     summary = "TIES trim: keep exactly the top-k |delta| (k = density * n) per tensor or over the model, zero the rest"
+    examples = ({"density": 0.3}, {"density": 0.3, "scope": "global"})
     widths = ranks.digit_widths(1)
 
     def stats_group(self, i, tensor):
