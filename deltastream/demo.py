@@ -54,6 +54,7 @@ DEMO_RUNS: list[tuple[str, dict[str, Any]]] = [
     ("multibit", {"bits": 2}),
     ("bitdelta", {"residual": 1}),
     ("dare_bitdelta", {"p": 0.9}),
+    ("ternary", {}),
     ("lowrank", {"rank_fraction": 0.1}),
 ]
 #: methods with no compact form: the demo shows their edit's error and time

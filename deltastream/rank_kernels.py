@@ -63,14 +63,47 @@ def digit_histogram(bits, candidate, rows, shift_prev, shift, mask, hist):
 
 
 @_jit
+def _bins(t):
+    """Per high-16-bit bin: how many thresholds (t sorted) lie in lower bins, and whether one lies
+    in it. An element in a bin without one needs no search and ties with nothing: most elements,
+    unless the chunk is tie-heavy."""
+    lower = np.zeros((1 << 16) + 1, np.int64)
+    inside = np.zeros(1 << 16, np.bool_)
+    for j in range(t.size):
+        h = t[j] >> _HIGH
+        inside[h] = True
+        lower[h + 1] += 1
+    for h in range(1 << 16):
+        lower[h + 1] += lower[h]
+    return lower, inside
+
+
+@_jit
+def _mostly_outside(bits, inside):
+    """Whether under an eighth of the chunk's first 4096 elements lie in a threshold's bin: then a
+    branch that skips the search is predictable and pays; in a tie-heavy chunk it is not, and
+    the branch-free search over every element wins."""
+    n = min(bits.size, 4096)
+    c = 0
+    for i in range(n):
+        c += np.int64(inside[bits[i] >> _HIGH])
+    return c * 8 < n
+
+
+@_jit
 def classify_into(bits, t, value_of, below, tied, which):
     """below[i] = the thresholds (t sorted, nonempty) < element i; tied[:k] = the positions equal
     to a threshold, in order, and which[:k] = that value's index (``value_of[j]``: the index of
     t[j] among the distinct values); returns k."""
     last = t.size - 1
+    lower, inside = _bins(t)
+    skip = _mostly_outside(bits, inside)
     k = 0
     for i in range(bits.size):
         b = bits[i]
+        if skip and not inside[b >> _HIGH]:
+            below[i] = lower[b >> _HIGH]
+            continue
         j = _count_below(t, b)
         below[i] = j
         j = min(j, last)
@@ -126,8 +159,13 @@ def assign_blocks(bits, t, value_of, first, ranks_below, running, out):
         return
     done = first[:-1].copy()  # per value: the first of its boundaries not yet passed
     last = t.size - 1
+    lower, inside = _bins(t)
+    skip = _mostly_outside(bits, inside)
     for i in range(bits.size):
         b = bits[i]
+        if skip and not inside[b >> _HIGH]:  # no threshold in its bin: no search, no tie
+            out[i] = lower[b >> _HIGH]
+            continue
         j = _count_below(t, b)
         jc = min(j, last)
         is_tie = np.int64(t[jc] == b)
