@@ -139,10 +139,13 @@ def _task_graph(fn, tasks, name, token, options: RunOptions, shared, uses) -> tu
 def _small(value: Any) -> bool:
     """A shared value of a few plain numbers (most tensors' state: empty, or a scale) rides inside
     each task: a node of its own would make every chunk task depend on it, which changes dask's
-    order of the tasks (a 2-worker DARE compress ran 1.2-1.7x slower). Arrays and lists (scales
-    per row, factors, tie offsets) are shared by reference."""
-    return isinstance(value, dict) and len(value) <= 8 and all(
-        isinstance(v, (int, float, str, bool, type(None))) for v in value.values())
+    order of the tasks (a 2-worker DARE compress ran 1.2-1.7x slower). Arrays and long lists
+    (scales per row, factors, tie offsets) are shared by reference."""
+    def plain(v: Any) -> bool:
+        return isinstance(v, (int, float, str, bool, type(None))) or (
+            isinstance(v, (list, tuple)) and len(v) <= 16 and all(isinstance(x, (int, float)) for x in v))
+
+    return isinstance(value, dict) and len(value) <= 8 and all(plain(v) for v in value.values())
 
 
 def _run(graph, keys, sizes, name, total_bytes, options: RunOptions) -> list[Any]:
