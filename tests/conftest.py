@@ -19,3 +19,11 @@ def no_hang():
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture(scope="session")
+def golden_pair(tmp_path_factory):
+    """(base, fine-tune) the golden artifacts were made from, generated (tests/golden_inputs.py)."""
+    from golden_inputs import write_golden_inputs
+
+    return write_golden_inputs(str(tmp_path_factory.mktemp("golden-inputs")))

@@ -10,7 +10,6 @@ import shutil
 from common import run_cli
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
-BASE = os.path.join(GOLDEN, "inputs", "base")
 
 
 def golden(case: str) -> str:
@@ -23,14 +22,16 @@ def out_line(capsys, *argv) -> str:
     return capsys.readouterr().out.strip()
 
 
-def test_verify_of_a_lossless_artifact_says_the_rebuild_has_the_fine_tunes_checksums(capsys):
+def test_verify_of_a_lossless_artifact_says_the_rebuild_has_the_fine_tunes_checksums(capsys, golden_pair):
+    BASE = golden_pair[0]
     line = out_line(capsys, "verify", golden("lossless"), BASE, "-q")
     assert line == (f"ok: artifact '{golden('lossless')}' and base '{BASE}' match: the base has the recorded "
                     "checksums and every chunk decodes against it; the rebuilt fine-tune has the fine-tune's "
                     "recorded checksums")
 
 
-def test_verify_of_a_lossy_artifact_does_not_claim_the_fine_tunes_checksums(capsys):
+def test_verify_of_a_lossy_artifact_does_not_claim_the_fine_tunes_checksums(capsys, golden_pair):
+    BASE = golden_pair[0]
     line = out_line(capsys, "verify", golden("dare"), BASE, "-q")
     assert line.endswith("; 3 exact tensors rebuild to the fine-tune's recorded checksums, 2 stored by lossy "
                          "'dare' rebuild the edited fine-tune (checked by their stored chunks' CRC-32C, not against "
@@ -43,9 +44,10 @@ def test_verify_without_a_base_says_what_it_checked(capsys):
         "every side file its sha256")
 
 
-def test_info_text_and_json_use_one_policy_vocabulary(tmp_path, capsys):
+def test_info_text_and_json_use_one_policy_vocabulary(tmp_path, capsys, golden_pair):
+    BASE = golden_pair[0]
     ft = str(tmp_path / "ft")
-    shutil.copytree(os.path.join(GOLDEN, "inputs", "ft"), ft)
+    shutil.copytree(golden_pair[1], ft)
     shutil.copy(os.path.join(BASE, "model.safetensors"), os.path.join(ft, "model.safetensors"))  # nothing changed
     art = str(tmp_path / "same.dsz")
     assert run_cli("compress", BASE, ft, "-o", art, "-q", "--method", "dare") == 0

@@ -1,7 +1,7 @@
 """The golden artifacts of tests/golden/ (format 1.1, written once by make_golden.py with the
-code of that format): the current code must decode them to the recorded tensors, re-encode the
-stored inputs to the same stored bytes, and verify them. A change to zigzag, a codec preset or a
-method's chunk layout that stays self-consistent fails here."""
+code of that format): the current code must decode them to the recorded tensors, re-encode their
+inputs (generated again: tests/golden_inputs.py) to the same stored bytes, and verify them. A
+change to zigzag, a codec preset or a method's chunk layout that stays self-consistent fails here."""
 
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ from deltastream.methods import method_from_config
 from common import read_raw
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
-BASE = os.path.join(GOLDEN, "inputs", "base")
-FINE_TUNE = os.path.join(GOLDEN, "inputs", "ft")
 with open(os.path.join(GOLDEN, "expected.json")) as _f:
     EXPECTED = json.load(_f)
 CASES = sorted(EXPECTED["cases"])
@@ -81,16 +79,16 @@ def test_golden_set_covers_every_format_feature():
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_golden_artifact_decodes_to_the_recorded_tensors(tmp_path, case):
-    out = ds.apply(BASE, golden(case), str(tmp_path / "rebuilt"), workers=1)
+def test_golden_artifact_decodes_to_the_recorded_tensors(tmp_path, case, golden_pair):
+    out = ds.apply(golden_pair[0], golden(case), str(tmp_path / "rebuilt"), workers=1)
     assert tensor_sha256(out) == EXPECTED["cases"][case]["tensor_sha256"]
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_golden_inputs_compress_to_the_same_stored_bytes(tmp_path, case):
+def test_golden_inputs_compress_to_the_same_stored_bytes(tmp_path, case, golden_pair):
     old = manifest(golden(case))
     method = method_from_config(old["method"])  # the old config must still be accepted as it was
-    art = ds.compress(BASE, FINE_TUNE, str(tmp_path / "again.dsz"), method, chunk_size=EXPECTED["chunk_size"],
+    art = ds.compress(*golden_pair, str(tmp_path / "again.dsz"), method, chunk_size=EXPECTED["chunk_size"],
                       seed=EXPECTED["seed"], workers=1)
     got, want = stored_files(art), stored_files(golden(case))
     assert sorted(got) == sorted(want)
@@ -102,8 +100,8 @@ def test_golden_inputs_compress_to_the_same_stored_bytes(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_golden_artifact_verifies(case):
-    assert ds.verify(golden(case), BASE)["ok"]
+def test_golden_artifact_verifies(case, golden_pair):
+    assert ds.verify(golden(case), golden_pair[0])["ok"]
     assert ds.verify(golden(case))["ok"]
 
 

@@ -34,9 +34,8 @@ def test_golden_manifests_match_the_schema(name):
 
 
 @pytest.mark.parametrize("method", sorted(n for n, cls in METHODS.items() if cls.compact))
-def test_fresh_manifests_match_the_schema(tmp_path, method):
-    art = ds.compress(os.path.join(GOLDEN, "inputs", "base"), os.path.join(GOLDEN, "inputs", "ft"),
-                      str(tmp_path / "a.dsz"), method, chunk_size=1024, workers=1)
+def test_fresh_manifests_match_the_schema(tmp_path, method, golden_pair):
+    art = ds.compress(*golden_pair, str(tmp_path / "a.dsz"), method, chunk_size=1024, workers=1)
     VALIDATOR.validate(manifest(art))
 
 

@@ -16,7 +16,6 @@ import deltastream as ds
 from deltastream.methods import METHODS
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
-BASE, FINE_TUNE = os.path.join(GOLDEN, "inputs", "base"), os.path.join(GOLDEN, "inputs", "ft")
 GOLDEN_CASES = sorted(n[:-4] for n in os.listdir(os.path.join(GOLDEN, "artifacts")))
 COMPACT = sorted(name for name, cls in METHODS.items() if cls.compact)
 
@@ -80,6 +79,6 @@ def test_golden_artifact_arrays_are_plain_zarr(case):
 
 
 @pytest.mark.parametrize("method", COMPACT)
-def test_fresh_artifact_arrays_are_plain_zarr(tmp_path, method):
-    art = ds.compress(BASE, FINE_TUNE, str(tmp_path / "a.dsz"), method, chunk_size=1024, workers=1)
+def test_fresh_artifact_arrays_are_plain_zarr(tmp_path, method, golden_pair):
+    art = ds.compress(*golden_pair, str(tmp_path / "a.dsz"), method, chunk_size=1024, workers=1)
     assert check_plain(art) >= 5

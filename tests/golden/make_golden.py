@@ -11,8 +11,9 @@ the 1.1 bump) by::
 
     cd tests/golden && PYTHONPATH=/tmp/head python make_golden.py
 
-The inputs are generated here (numpy, a fixed seed, a minimal safetensors writer) and stored too,
-so the tests never depend on deltastream.synthetic or on this script.
+The inputs are generated here (numpy, a fixed seed, a minimal safetensors writer) by
+:func:`write_inputs`, which the tests call again (tests/golden_inputs.py checks the bytes against
+their recorded sha256): no checkpoint is stored, and nothing depends on deltastream.synthetic.
 """
 
 from __future__ import annotations
@@ -110,19 +111,26 @@ def tensor_sha256(folder: str) -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
+def write_inputs(folder: str) -> tuple[str, str]:
+    """The base and fine-tune the golden artifacts were made from, under ``folder`` (the tests
+    write them again rather than store them: the same bytes, checked against INPUT_SHA256)."""
+    base, ft = make_tensors()
+    write_safetensors(os.path.join(folder, "base", "model.safetensors"), base)
+    write_safetensors(os.path.join(folder, "ft", "model.safetensors"), ft, {"format": "pt"})
+    with open(os.path.join(folder, "ft", "config.json"), "w") as f:
+        f.write('{"architectures": ["Tiny"], "hidden_size": 24}\n')
+    return os.path.join(folder, "base"), os.path.join(folder, "ft")
+
+
 def main() -> None:
     import deltastream as ds
 
     if ds.artifact.FORMAT_VERSION != "1.1":
         sys.exit(f"this script writes format 1.1; this deltastream writes {ds.artifact.FORMAT_VERSION}")
     os.chdir(HERE)  # relative paths: the manifests' `source` fields do not name this machine
-    for folder in ("inputs", "artifacts"):
+    for folder in ("inputs", "artifacts"):  # inputs: scratch, not committed
         shutil.rmtree(folder, ignore_errors=True)
-    base, ft = make_tensors()
-    write_safetensors("inputs/base/model.safetensors", base)
-    write_safetensors("inputs/ft/model.safetensors", ft, {"format": "pt"})
-    with open("inputs/ft/config.json", "w") as f:
-        f.write('{"architectures": ["Tiny"], "hidden_size": 24}\n')
+    write_inputs("inputs")
     expected = {"format_version": "1.1", "library_version": ds.__version__, "chunk_size": CHUNK_SIZE,
                 "seed": SEED, "cases": {}}
     for case, (method, params) in CASES.items():
