@@ -212,6 +212,12 @@ class Method:
     def fail(self, message: str) -> ParameterError:
         return ParameterError(f"method '{self.method_id}': {message}")
 
+    @classmethod
+    def wants_gradient(cls, params: dict) -> bool:
+        """Whether these parameters ask for the gradient of the loss at the fine-tune that they do
+        not name yet (``analyze`` then computes it and passes it as ``gradient=``)."""
+        return False
+
     def implements(self, role: str, backend: str) -> bool:
         """Whether this instance's parameters fit the ``role`` implementation registered for
         ``backend`` (methods/backends.py); the numpy reference always applies."""

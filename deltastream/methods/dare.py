@@ -13,21 +13,27 @@ as the zigzagged integer difference of bit patterns (exact, like ``lossless``): 
 regenerated at apply time from the seed, so no index is stored. DARE-k needs every entry, so it
 stores the whole exact delta and applies the multipliers at decode.
 
-``biased`` (paper §4.3, Table 1) is DARE-k with the sign of the delta in place of the mask:
-negative entries x k, positive ones x (1 - k p)/(1 - p), zeros stay zero. Edit only.
+``biased`` (paper §4.3, Table 1) is DARE-k with a deterministic sign in place of the mask:
+entries where the sign source is negative x k, the others x (1 - k p)/(1 - p), zeros stay zero.
+The source is the delta (``by=delta``, Table 1's second column) or the product ``delta * grad``
+with the gradient of the loss at the fine-tune (``by=grad``, the third), read chunk by chunk from a
+gradient checkpoint that ``deltastream analyze --save-gradient`` writes. Edit only.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from .. import kernels
+from ..checkpoint import open_checkpoint
+from ..checkpoint.reader import read_bits
 from ..device import TORCH_DTYPES, as_values, edit_on_device, load_bits, store_output, torch_device
-from ..dtypes import COMPUTABLE_NAMES
-from ..errors import CorruptChunkError, ParameterError
+from ..dtypes import COMPUTABLE_NAMES, to_float32
+from ..errors import CorruptChunkError, MismatchError, ParameterError, tensor_context
 from ..exact import magnitude_sum, total
 from ..params import check_range, field
 from ..rng import threshold_u32
@@ -173,25 +179,70 @@ class Dare(Encoding):
         return self._apply_mask(delta_from_bits(base, zz, ctx, self), keep, ctx)
 
 
+BIASED_BY = ("delta", "grad")
+
+
 @dataclass(frozen=True)
 class BiasedParams:
     p: float = field(0.5, "the drop rate the multipliers are built from")
-    k: float = field(0.5, "negative deltas x k, positive ones x (1-kp)/(1-p)")
+    k: float = field(0.5, "entries whose sign source is negative x k, the others x (1-kp)/(1-p)")
+    by: str = field("delta", "the sign source: the delta (Table 1's 'biased dW') or delta x grad L(W_POST) "
+                    "('biased dW.grad', needs gradient=)", choices=BIASED_BY)
+    gradient: str = field("", "by=grad: safetensors checkpoint of grad L(W_POST) under the fine-tune's tensor "
+                          "names (deltastream analyze --save-gradient writes one; analyze computes its own)")
 
     def __post_init__(self):
         check_range("biased", "p", self.p, 0.0, 1.0, high_open=True)
+        if not math.isfinite(self.k):
+            raise ParameterError(f"method 'biased': k={self.k!r} must be a finite number")
+        if self.by == "grad" and not self.gradient:
+            raise ParameterError("method 'biased': by=grad needs gradient=FILE, the gradient at the fine-tune "
+                                 "('deltastream analyze --save-gradient FILE' writes one)")
+        if self.by == "delta" and self.gradient:
+            raise ParameterError("method 'biased': gradient= is for by=grad only")
+
+
+def gradient_chunk(path: str, ctx: ChunkContext) -> np.ndarray:
+    """Elements [start, stop) of the tensor's gradient in the gradient checkpoint, as float32."""
+    ckpt = _open_gradient(path)
+    info = ckpt.tensors.get(ctx.tensor)
+    if info is None:
+        raise MismatchError(f"{tensor_context(path, ctx.tensor)}: the gradient checkpoint has no such tensor")
+    if info.numel != math.prod(ctx.shape) or not info.dtype.computable:
+        raise MismatchError(f"{tensor_context(info.path, ctx.tensor)}: gradient of shape {list(info.shape)} "
+                            f"({info.dtype.name}) does not fit the tensor's {list(ctx.shape)}")
+    return to_float32(read_bits(info, ctx.start, ctx.stop), info.dtype)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_gradient(path: str):
+    return open_checkpoint(path)  # headers only: each task reads its chunk
 
 
 class Biased(Edit):
     method_id = "biased"
     Params = BiasedParams
-    summary = "the paper's Table 1 'biased' DARE-k: the delta's sign instead of a random mask"
+    summary = "the paper's Table 1 'biased' DARE-k: the sign of the delta (or of delta x grad) instead of a mask"
     examples = ({"p": 0.3, "k": 0.2}, {"p": 0.5, "k": 0.7})
+
+    @classmethod
+    def wants_gradient(cls, params):
+        return params.get("by") == "grad" and not params.get("gradient")
+
+    def implements(self, role, backend):
+        return self.params.by == "delta"  # by=grad reads the gradient on the CPU: the numpy path
+
+    def negative(self, delta: np.ndarray, ctx: ChunkContext) -> np.ndarray:
+        """Where the sign source is negative: the delta's, or its product with the gradient's."""
+        if self.params.by == "grad":
+            return (delta * gradient_chunk(self.params.gradient, ctx)) < 0
+        return delta < 0
 
     def edit_delta(self, delta, ctx):
         p, k = self.params.p, self.params.k
+        negative = self.negative(delta, ctx)
         with np.errstate(invalid="ignore"):  # a zero multiplier times an infinite delta: NaN, carried
-            delta *= kernels.select(delta < 0, np.float32(k), dare_k_multiplier(p, k),
+            delta *= kernels.select(negative, np.float32(k), dare_k_multiplier(p, k),
                                     scratch("biased.multiplier", delta.size, np.float32))
         return delta
 

@@ -1,0 +1,317 @@
+"""The Riemann-sum approximation of the loss change an edit causes (METHODS.md Part B 1.2-1.3):
+
+    term = (1/C) sum_{c=0}^{C-1} < grad L(W_POST + (c/C) dW~), dW~ >,    dW~ = W_EDIT - W_POST
+
+over every parameter the edit changes, next to the measured change L(W_EDIT) - L(W_POST), on the
+same batches (analysis/data.py). An Analyzer loads the fine-tune once and analyses any number of
+edits; the edit of ``run(method=...)`` is made by ``edit`` itself (the same bits), into a scratch
+folder, and both checkpoints are then streamed (analysis/weights.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint import CheckpointWriter, OutputTensor, open_checkpoint
+from ..checkpoint.writer import write_at
+from ..errors import ParameterError, tensor_context
+from ..methods import METHODS, Method
+from .data import load_tokenizer, make_windows
+from .errors import AnalysisError, require_transformers
+from .model import DTYPES, load_model, parameters_by_name
+from .weights import EditedTensor, changed_tensors, layer_of
+
+__all__ = ["Analyzer", "Analysis"]
+
+GRADIENT_DIR = "gradient"
+
+
+@dataclass
+class Analysis:
+    """One edit's figures: the term, its per-step and per-tensor parts, and the measured change."""
+
+    term: float
+    first_order: float
+    loss_post: float
+    loss_edit: float
+    steps: int
+    tokens: int
+    predicted: int
+    per_step: list[float]
+    tensors: dict[str, float]
+    layers: dict[str, float]
+    outside_layers: float
+    edit_norm: float  # ||dW~||_2 over every changed tensor: how far the edit moves the model
+    changed: int
+    dtype: str
+    method: dict | None = None
+    seed: int | None = None
+    edited: str | None = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def delta_loss(self) -> float:
+        return self.loss_edit - self.loss_post
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(out.pop("extra"))
+        out["delta_loss"] = self.delta_loss
+        return out
+
+
+def _positive(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ParameterError(f"{name} must be a positive integer, not {value!r}")
+    return value
+
+
+class Analyzer:
+    """The fine-tune in memory (float32 or bfloat16), its evaluation windows, and a scratch folder
+    for edits and the gradient at W_POST. Use as a context manager, or call ``close()``."""
+
+    def __init__(self, base: str, fine_tune: str, data: str, *, steps: int = 5, max_tokens: int = 4096,
+                 seq_len: int = 256, batch_size: int = 4, dtype: str = "float32", device: str = "cpu",
+                 progress: bool = False, work_dir: str | None = None):
+        require_transformers()
+        from ..device import resolve_device
+
+        if dtype not in DTYPES:
+            raise ParameterError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        self.steps = _positive("--steps", steps)
+        self.batch_size = _positive("--batch-size", batch_size)
+        self.base, self.fine_tune, self.dtype, self.progress = base, fine_tune, dtype, progress
+        self.device = "cpu" if resolve_device(device) == "torch:cpu" else resolve_device(device)
+        self.base_ckpt = open_checkpoint(base)
+        self.post = open_checkpoint(fine_tune)
+        self.windows = make_windows(load_tokenizer(base), data, _positive("--max-tokens", max_tokens),
+                                    _positive("--seq-len", seq_len))
+        self.model = load_model(fine_tune, dtype, self.device)
+        self.params = parameters_by_name(self.model, self.post)
+        self.work = tempfile.mkdtemp(prefix="deltastream-analyze-", dir=work_dir)
+        self._loss_post: float | None = None
+        self._gradient: str | None = None
+        self._runs = 0
+
+    # --- the public API -------------------------------------------------------------------------
+    def run(self, method: str | Method | None = None, params: dict[str, Any] | None = None, *, seed: int = 0,
+            edited: str | None = None, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
+            keep_edited: str | None = None) -> Analysis:
+        """Analyse ``edited`` (a checkpoint of the fine-tune's architecture), or the edit ``method``
+        makes (``edit``'s own code, seed and include/exclude rules; kept in ``keep_edited``)."""
+        started = time.perf_counter()
+        if (method is None) == (edited is None):
+            raise ParameterError("analyze: give either a method or an edited checkpoint (--edited), not both")
+        config = None
+        if method is not None:
+            m = self._method(method, dict(params or {}))
+            config = m.get_config()
+            edited = self._edit(m, seed, include, exclude, keep_edited)
+        elif params:
+            raise ParameterError("analyze: method parameters given without a method")
+        assert edited is not None
+        try:
+            result = self._analyze(changed_tensors(self.post, open_checkpoint(edited)))
+        finally:
+            if method is not None and keep_edited is None:
+                shutil.rmtree(edited, ignore_errors=True)
+        result.method, result.seed = config, (seed if method is not None else None)
+        result.edited = os.path.abspath(edited) if method is None or keep_edited else None
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def gradient(self) -> str:
+        """The checkpoint of grad L(W_POST) (float32, the fine-tune's tensor names), computed once:
+        the first-order term of every later run reads it instead of a forward/backward pass."""
+        if self._gradient is None:
+            for p in self.model.parameters():
+                p.requires_grad_(p.is_floating_point())
+            self._loss_post, _ = self._pass([], with_grad=True)
+            self._gradient = self._save_gradient(os.path.join(self.work, GRADIENT_DIR))
+            self._zero_grad()
+        return self._gradient
+
+    def save_gradient(self, out: str) -> str:
+        """Write grad L(W_POST) as the checkpoint folder ``out`` (for ``edit --method biased -p by=grad``)."""
+        source = self.gradient()
+        partial = f"{out}.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(source, partial)
+        if os.path.lexists(out):
+            raise ParameterError(f"{tensor_context(out)}: exists; the gradient is not written over anything")
+        os.replace(partial, out)
+        return os.path.abspath(out)
+
+    def close(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def __enter__(self) -> Analyzer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- the edit -------------------------------------------------------------------------------
+    def _method(self, method: str | Method, params: dict[str, Any]) -> Method:
+        from ..api import resolve_method
+
+        if isinstance(method, str) and method in METHODS and METHODS[method].wants_gradient(params):
+            params["gradient"] = self.gradient()
+        return resolve_method(method, params, "analyze")
+
+    def _edit(self, method: Method, seed: int, include, exclude, keep_edited: str | None) -> str:
+        from ..api import edit
+
+        if not method.lossy:
+            raise ParameterError(f"analyze: method '{method.method_id}' changes nothing (a lossless edit)")
+        self._runs += 1
+        out = keep_edited or os.path.join(self.work, f"edit-{self._runs}")
+        return edit(self.base, self.fine_tune, out, method, seed=seed, include=include, exclude=exclude,
+                    overwrite=keep_edited is None, progress=False)
+
+    # --- the passes -----------------------------------------------------------------------------
+    def _analyze(self, changed: list[EditedTensor]) -> Analysis:
+        from tqdm import tqdm
+
+        unknown = [t.name for t in changed if t.name not in self.params]
+        if unknown:
+            raise AnalysisError(f"{tensor_context(self.fine_tune, unknown[0])}: the edit changes this tensor, "
+                                "which is not a parameter of the model transformers built")
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(False)
+        for t in changed:
+            self.params[t.name].requires_grad_(True)
+        cached = self._gradient is not None
+        bar = tqdm(total=self.steps + 1 - cached, desc="analyze", unit="pass", disable=not self.progress,
+                   leave=False)
+        per_step: list[dict[str, float]] = []
+        try:
+            for c in range(self.steps):
+                t = c / self.steps
+                if c == 0 and cached:
+                    per_step.append(self._dots_with_file(changed))
+                    continue
+                self._set(changed, t)
+                loss, dots = self._pass(changed, with_grad=True)
+                if c == 0:
+                    self._loss_post = loss
+                per_step.append(dots)
+                bar.update()
+            self._set(changed, 1.0)
+            loss_edit = self._pass(changed, with_grad=False)[0] if changed else self._loss_post
+            bar.update()
+        finally:
+            self._set(changed, 0.0)  # back to W_POST, bit for bit, for the next run
+            self._zero_grad()
+            bar.close()
+        return self._result(changed, per_step, float(loss_edit))
+
+    def _result(self, changed: list[EditedTensor], per_step: list[dict[str, float]], loss_edit: float) -> Analysis:
+        C = self.steps
+        tensors = {t.name: math.fsum(step[t.name] for step in per_step) / C for t in changed}
+        layers: dict[int, list[float]] = {}
+        outside = []
+        for name, value in tensors.items():
+            layer = layer_of(name)
+            (layers.setdefault(layer, []) if layer is not None else outside).append(value)
+        totals = [math.fsum(step.values()) for step in per_step]
+        assert self._loss_post is not None
+        return Analysis(term=math.fsum(totals) / C, first_order=totals[0], loss_post=self._loss_post,
+                        loss_edit=loss_edit, steps=C, tokens=self.windows.tokens, predicted=self.windows.predicted,
+                        per_step=totals, tensors=tensors,
+                        layers={str(k): math.fsum(v) for k, v in sorted(layers.items())},
+                        outside_layers=math.fsum(outside), edit_norm=math.sqrt(math.fsum(t.norm2 for t in changed)),
+                        changed=len(changed), dtype=self.dtype)
+
+    def _set(self, changed: list[EditedTensor], t: float) -> None:
+        """Every changed parameter := W_POST + t dW~, streamed a chunk at a time."""
+        import torch
+
+        with torch.no_grad():
+            for tensor in changed:
+                flat = self.params[tensor.name].data.view(-1)
+                for start, stop in tensor.chunks():
+                    flat[start:stop].copy_(torch.from_numpy(tensor.at(t, start, stop)))
+
+    def _pass(self, changed: list[EditedTensor], with_grad: bool) -> tuple[float, dict[str, float]]:
+        """The loss over every window, and (``with_grad``) < grad L, dW~ > per changed tensor. In
+        float32 the gradient of the mean loss accumulates over the batches (autograd's sum); in
+        bfloat16 each batch's products are taken in float64 at once, so no bf16 sum accumulates."""
+        import torch
+        import torch.nn.functional as F
+
+        accumulate = self.dtype == "float32"
+        n = self.windows.predicted
+        total = 0.0
+        dots = dict.fromkeys((t.name for t in changed), 0.0)
+        self._zero_grad()
+        for batch in self.windows.batches(self.batch_size):
+            ids = torch.from_numpy(batch).to(self.device)
+            with torch.set_grad_enabled(with_grad):
+                logits = self.model(input_ids=ids).logits
+                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                       ids[:, 1:].reshape(-1), reduction="sum")
+                if with_grad:
+                    (loss / n).backward()
+            total += float(loss.detach().double())
+            del logits, loss
+            if with_grad and not accumulate:
+                for name, value in self._dots(changed).items():
+                    dots[name] += value
+                self._zero_grad()
+        if with_grad and accumulate:
+            dots = self._dots(changed)
+        return total / n, dots
+
+    def _dots(self, changed: list[EditedTensor]) -> dict[str, float]:
+        """< grad, dW~ > per tensor, the products summed in float64, chunk by chunk."""
+        out = {}
+        for tensor in changed:
+            grad = self.params[tensor.name].grad
+            if grad is None:  # the loss does not depend on it (an unused parameter)
+                out[tensor.name] = 0.0
+                continue
+            flat = grad.detach().reshape(-1)
+            out[tensor.name] = math.fsum(
+                float(np.dot(flat[start:stop].double().cpu().numpy(), tensor.change(start, stop)))
+                for start, stop in tensor.chunks())
+        return out
+
+    def _dots_with_file(self, changed: list[EditedTensor]) -> dict[str, float]:
+        """The first-order products from the saved gradient at W_POST (no forward/backward)."""
+        from ..checkpoint.reader import read_bits
+
+        assert self._gradient is not None
+        grads = open_checkpoint(self._gradient).tensors
+        return {t.name: math.fsum(float(np.dot(read_bits(grads[t.name], start, stop).view(np.float32)
+                                               .astype(np.float64), t.change(start, stop)))
+                                  for start, stop in t.chunks()) for t in changed}
+
+    def _zero_grad(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
+
+    def _save_gradient(self, folder: str) -> str:
+        """Every parameter's float32 gradient under its checkpoint names (a tied weight once per name)."""
+        import torch
+
+        names = [n for n, p in self.params.items() if p.is_floating_point()]
+        os.makedirs(folder)
+        writer = CheckpointWriter(folder, [OutputTensor(n, "F32", tuple(self.params[n].shape)) for n in names],
+                                  1 << 62, {"deltastream_gradient": "grad L(W_POST)", "tokens": str(self.windows.tokens)})
+        writer.create()
+        for name in names:
+            p = self.params[name]
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            path, offset = writer.location(name)
+            write_at(path, offset, grad.detach().float().reshape(-1).cpu().numpy(), name)
+        return folder
