@@ -22,7 +22,7 @@ from .plan import DEFAULT_CHUNK_BYTES
 from .policy import Policy
 from .units import parse_size
 
-__all__ = ["compress", "apply", "edit", "merge", "verify", "info", "DEFAULT_MEMORY_BYTES"]
+__all__ = ["compress", "apply", "edit", "merge", "verify", "info", "analyze", "DEFAULT_MEMORY_BYTES"]
 
 #: the memory budget for chunks in flight; the chunk size shrinks to fit it
 DEFAULT_MEMORY_BYTES = 1 << 30
@@ -162,3 +162,18 @@ def merge(config: str, out: str, *, seed: int = 0, strict: bool = False, chunk_s
     return merge_job(config, out, chunk_bytes=chunk, memory=budget, seed=parse_seed(seed), strict=strict,
                      max_shard_size=parse_size(max_shard_size, "max shard size"), overwrite=overwrite,
                      resume=resume, options=options)
+
+
+def analyze(base: str, fine_tune: str, data: str, method: str | Method | None = None, *, edited: str | None = None,
+            seed: int = 0, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), steps: int = 5,
+            max_tokens: int = 4096, seq_len: int = 256, batch_size: int = 4, dtype: str = "float32",
+            device: str = "cpu", progress: bool = False, work_dir: str | None = None, **params: Any) -> dict[str, Any]:
+    """The loss change of one edit, predicted (the Riemann-sum term, C = ``steps``) and measured on
+    ``data``: ``method`` (made by ``edit``, parameters as keywords) or the checkpoint ``edited``.
+    For many edits of one fine-tune, use ``deltastream.analysis.Analyzer`` (the model loads once)."""
+    from .analysis import Analyzer
+
+    with Analyzer(base, fine_tune, data, steps=steps, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
+                  dtype=dtype, device=device, progress=progress, work_dir=work_dir) as analyzer:
+        return analyzer.run(method, params, seed=parse_seed(seed), edited=edited, include=include,
+                            exclude=exclude).as_dict()

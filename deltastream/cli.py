@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also check this is the right base and that the rebuild is exact")
     _add_run_options(p, resume=False)
 
+    from .analysis.command import add_parser as add_analyze
+
+    add_analyze(sub)
+
     p = sub.add_parser("demo", help="make a small model pair, compress and rebuild it, print a table")
     p.add_argument("--workdir", default=None, help="keep the demo's files here (default: a temp folder)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -256,6 +260,10 @@ def _command(args: argparse.Namespace) -> int:
     elif args.command == "verify":
         api.verify(args.artifact, args.base, **_run_kwargs(args))
         print(format_verified(api.info(args.artifact), args.artifact, args.base))
+    elif args.command == "analyze":
+        from .analysis.command import run as run_analyze
+
+        return run_analyze(args)
     elif args.command == "demo":
         from .demo import run_demo
 

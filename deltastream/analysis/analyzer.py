@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,14 +25,26 @@ from ..checkpoint import CheckpointWriter, OutputTensor, open_checkpoint
 from ..checkpoint.writer import write_at
 from ..errors import ParameterError, tensor_context
 from ..methods import METHODS, Method
-from .data import load_tokenizer, make_windows
+from .data import Windows, load_tokenizer, make_windows
 from .errors import AnalysisError, require_transformers
 from .model import DTYPES, load_model, parameters_by_name
 from .weights import EditedTensor, changed_tensors, layer_of
 
-__all__ = ["Analyzer", "Analysis"]
+__all__ = ["Analyzer", "Analysis", "Objective", "next_token_loss"]
 
 GRADIENT_DIR = "gradient"
+
+#: (model, ids [batch, seq_len]) -> the summed loss over the batch's predicted positions (a 0-d tensor)
+Objective = Callable[[Any, Any], Any]
+
+
+def next_token_loss(model, ids):
+    """The summed next-token cross-entropy of a causal LM (logits in float32 whatever the model's dtype)."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=ids).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                           reduction="sum")
 
 
 @dataclass
@@ -87,16 +100,34 @@ class Analyzer:
 
         if dtype not in DTYPES:
             raise ParameterError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        device = resolve_device(device)
+        device = "cpu" if device == "torch:cpu" else device
+        open_checkpoint(base), open_checkpoint(fine_tune)  # a bad checkpoint: its own error, before the model
+        windows = make_windows(load_tokenizer(base), data, _positive("--max-tokens", max_tokens),
+                               _positive("--seq-len", seq_len))
+        self._setup(base, fine_tune, load_model(fine_tune, dtype, device), windows, next_token_loss, steps=steps,
+                    batch_size=batch_size, dtype=dtype, device=device, progress=progress, work_dir=work_dir)
+
+    @classmethod
+    def with_model(cls, base: str, fine_tune: str, model, windows: Windows, objective: Objective, *,
+                   steps: int = 5, batch_size: int = 4, work_dir: str | None = None) -> Analyzer:
+        """An Analyzer of any torch module holding the fine-tune's weights (named as in its
+        checkpoint) and any objective: ``objective(model, ids)`` is the *sum* of the loss over
+        the batch's predicted positions. The tests' closed-form losses come in this way."""
+        self = cls.__new__(cls)
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self._setup(base, fine_tune, model, windows, objective, steps=steps, batch_size=batch_size, dtype=dtype,
+                    device="cpu", progress=False, work_dir=work_dir)
+        return self
+
+    def _setup(self, base, fine_tune, model, windows, objective, *, steps, batch_size, dtype, device, progress,
+               work_dir) -> None:
         self.steps = _positive("--steps", steps)
         self.batch_size = _positive("--batch-size", batch_size)
-        self.base, self.fine_tune, self.dtype, self.progress = base, fine_tune, dtype, progress
-        self.device = "cpu" if resolve_device(device) == "torch:cpu" else resolve_device(device)
-        self.base_ckpt = open_checkpoint(base)
+        self.base, self.fine_tune, self.dtype, self.device, self.progress = base, fine_tune, dtype, device, progress
         self.post = open_checkpoint(fine_tune)
-        self.windows = make_windows(load_tokenizer(base), data, _positive("--max-tokens", max_tokens),
-                                    _positive("--seq-len", seq_len))
-        self.model = load_model(fine_tune, dtype, self.device)
-        self.params = parameters_by_name(self.model, self.post)
+        self.windows, self.model, self.objective = windows, model, objective
+        self.params = parameters_by_name(model, self.post)
         self.work = tempfile.mkdtemp(prefix="deltastream-analyze-", dir=work_dir)
         self._loss_post: float | None = None
         self._gradient: str | None = None
@@ -186,7 +217,11 @@ class Analyzer:
         if unknown:
             raise AnalysisError(f"{tensor_context(self.fine_tune, unknown[0])}: the edit changes this tensor, "
                                 "which is not a parameter of the model transformers built")
-        for name, p in self.model.named_parameters():
+        if not changed:  # nothing to differentiate: the term is 0 and the loss is W_POST's
+            if self._loss_post is None:
+                self._loss_post = self._pass([], with_grad=False)[0]
+            return self._result(changed, [{} for _ in range(self.steps)], self._loss_post)
+        for p in self.model.parameters():
             p.requires_grad_(False)
         for t in changed:
             self.params[t.name].requires_grad_(True)
@@ -196,18 +231,17 @@ class Analyzer:
         per_step: list[dict[str, float]] = []
         try:
             for c in range(self.steps):
-                t = c / self.steps
                 if c == 0 and cached:
                     per_step.append(self._dots_with_file(changed))
                     continue
-                self._set(changed, t)
+                self._set(changed, c / self.steps)
                 loss, dots = self._pass(changed, with_grad=True)
                 if c == 0:
                     self._loss_post = loss
                 per_step.append(dots)
                 bar.update()
             self._set(changed, 1.0)
-            loss_edit = self._pass(changed, with_grad=False)[0] if changed else self._loss_post
+            loss_edit = self._pass(changed, with_grad=False)[0]
             bar.update()
         finally:
             self._set(changed, 0.0)  # back to W_POST, bit for bit, for the next run
@@ -219,7 +253,7 @@ class Analyzer:
         C = self.steps
         tensors = {t.name: math.fsum(step[t.name] for step in per_step) / C for t in changed}
         layers: dict[int, list[float]] = {}
-        outside = []
+        outside: list[float] = []
         for name, value in tensors.items():
             layer = layer_of(name)
             (layers.setdefault(layer, []) if layer is not None else outside).append(value)
@@ -247,7 +281,6 @@ class Analyzer:
         float32 the gradient of the mean loss accumulates over the batches (autograd's sum); in
         bfloat16 each batch's products are taken in float64 at once, so no bf16 sum accumulates."""
         import torch
-        import torch.nn.functional as F
 
         accumulate = self.dtype == "float32"
         n = self.windows.predicted
@@ -257,13 +290,11 @@ class Analyzer:
         for batch in self.windows.batches(self.batch_size):
             ids = torch.from_numpy(batch).to(self.device)
             with torch.set_grad_enabled(with_grad):
-                logits = self.model(input_ids=ids).logits
-                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                       ids[:, 1:].reshape(-1), reduction="sum")
+                loss = self.objective(self.model, ids)
                 if with_grad:
                     (loss / n).backward()
             total += float(loss.detach().double())
-            del logits, loss
+            del loss
             if with_grad and not accumulate:
                 for name, value in self._dots(changed).items():
                     dots[name] += value
@@ -306,8 +337,9 @@ class Analyzer:
 
         names = [n for n, p in self.params.items() if p.is_floating_point()]
         os.makedirs(folder)
+        metadata = {"deltastream_gradient": "grad L(W_POST)", "tokens": str(self.windows.tokens)}
         writer = CheckpointWriter(folder, [OutputTensor(n, "F32", tuple(self.params[n].shape)) for n in names],
-                                  1 << 62, {"deltastream_gradient": "grad L(W_POST)", "tokens": str(self.windows.tokens)})
+                                  1 << 62, metadata)
         writer.create()
         for name in names:
             p = self.params[name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from ..checkpoint import Checkpoint
 from ..errors import tensor_context
@@ -35,8 +36,9 @@ def load_model(folder: str, dtype: str, device: str):
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             where, config=config, output_loading_info=True, **{key: getattr(torch, dtype)})
+        model, info = loaded
     except Exception as exc:
         raise AnalysisError(f"{tensor_context(where)}: transformers cannot build a causal LM of type "
                             f"'{getattr(config, 'model_type', '?')}': {_first_line(exc)}") from None
