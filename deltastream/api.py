@@ -167,13 +167,14 @@ def merge(config: str, out: str, *, seed: int = 0, strict: bool = False, chunk_s
 def analyze(base: str, fine_tune: str, data: str, method: str | Method | None = None, *, edited: str | None = None,
             seed: int = 0, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), steps: int = 5,
             max_tokens: int = 4096, seq_len: int = 256, batch_size: int = 4, dtype: str = "float32",
-            device: str = "cpu", progress: bool = False, work_dir: str | None = None, **params: Any) -> dict[str, Any]:
+            device: str = "cpu", progress: bool = False, work_dir: str | None = None, recompute: bool = True,
+            **params: Any) -> dict[str, Any]:
     """The loss change of one edit, predicted (the Riemann-sum term, C = ``steps``) and measured on
     ``data``: ``method`` (made by ``edit``, parameters as keywords) or the checkpoint ``edited``.
     For many edits of one fine-tune, use ``deltastream.analysis.Analyzer`` (the model loads once)."""
     from .analysis import Analyzer
 
     with Analyzer(base, fine_tune, data, steps=steps, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
-                  dtype=dtype, device=device, progress=progress, work_dir=work_dir) as analyzer:
+                  dtype=dtype, device=device, progress=progress, work_dir=work_dir, recompute=recompute) as analyzer:
         return analyzer.run(method, params, seed=parse_seed(seed), edited=edited, include=include,
                             exclude=exclude).as_dict()

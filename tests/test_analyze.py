@@ -148,6 +148,14 @@ def test_method_and_edited_of_edits_output_give_the_same_figures(llama, analyzer
             assert by_method[key] == by_edited[key], (method, key)
 
 
+def test_recompute_changes_nothing_but_rounding(llama, analyzer):
+    recomputed = analyzer.run("bitdelta", {})
+    with Analyzer(*llama, recompute=False, **TOKENS) as plain:
+        stored = plain.run("bitdelta", {})
+    for key in ("term", "first_order", "loss_post", "loss_edit"):
+        assert getattr(recomputed, key) == pytest.approx(getattr(stored, key), rel=1e-5, abs=1e-7), key
+
+
 def test_the_saved_gradient_gives_the_same_first_order_term(llama, tmp_path):
     with Analyzer(*llama, **TOKENS) as fresh:
         first = fresh.run("extrapolate", {"alpha": 0.3})

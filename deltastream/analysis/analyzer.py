@@ -27,10 +27,10 @@ from ..errors import ParameterError, tensor_context
 from ..methods import METHODS, Method
 from .data import Windows, load_tokenizer, make_windows
 from .errors import AnalysisError, require_transformers
-from .model import DTYPES, load_model, parameters_by_name
+from .model import DTYPES, causal_lm_objective, load_model, parameters_by_name
 from .weights import EditedTensor, changed_tensors, layer_of
 
-__all__ = ["Analyzer", "Analysis", "Objective", "next_token_loss"]
+__all__ = ["Analyzer", "Analysis", "Objective"]
 
 GRADIENT_DIR = "gradient"
 
@@ -38,13 +38,6 @@ GRADIENT_DIR = "gradient"
 Objective = Callable[[Any, Any], Any]
 
 
-def next_token_loss(model, ids):
-    """The summed next-token cross-entropy of a causal LM (logits in float32 whatever the model's dtype)."""
-    import torch.nn.functional as F
-
-    logits = model(input_ids=ids).logits
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                           reduction="sum")
 
 
 @dataclass
@@ -94,7 +87,7 @@ class Analyzer:
 
     def __init__(self, base: str, fine_tune: str, data: str, *, steps: int = 5, max_tokens: int = 4096,
                  seq_len: int = 256, batch_size: int = 4, dtype: str = "float32", device: str = "cpu",
-                 progress: bool = False, work_dir: str | None = None):
+                 progress: bool = False, work_dir: str | None = None, recompute: bool = True):
         require_transformers()
         from ..device import resolve_device
 
@@ -105,7 +98,8 @@ class Analyzer:
         open_checkpoint(base), open_checkpoint(fine_tune)  # a bad checkpoint: its own error, before the model
         windows = make_windows(load_tokenizer(base), data, _positive("--max-tokens", max_tokens),
                                _positive("--seq-len", seq_len))
-        self._setup(base, fine_tune, load_model(fine_tune, dtype, device), windows, next_token_loss, steps=steps,
+        model = load_model(fine_tune, dtype, device)
+        self._setup(base, fine_tune, model, windows, causal_lm_objective(model, recompute), steps=steps,
                     batch_size=batch_size, dtype=dtype, device=device, progress=progress, work_dir=work_dir)
 
     @classmethod

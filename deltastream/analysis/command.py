@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
                    help="windows per forward pass: speed and memory only (default: 4)")
     g.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="the model's dtype; bfloat16 halves its memory and is approximate (default: float32)")
+    g.add_argument("--recompute", default=True, action=argparse.BooleanOptionalAction,
+                   help="hold one block's activations and a slice of the logits for backward, recomputing the "
+                        "rest: about a third slower, a fraction of the memory (default: on)")
     g.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="where the model runs")
     g = p.add_argument_group("sweeps and outputs")
     g.add_argument("--sweep", default=None, metavar="NAME=VALUES",
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     rules: dict[str, Any] = {"include": tuple(args.include), "exclude": tuple(args.exclude)}
     with Analyzer(args.base, args.fine_tune, args.data, steps=args.steps, max_tokens=args.max_tokens,
                   seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
-                  progress=not args.quiet, work_dir=args.work_dir) as analyzer:
+                  progress=not args.quiet, work_dir=args.work_dir, recompute=args.recompute) as analyzer:
         if args.save_gradient:
             print(f"wrote the gradient at the fine-tune to {analyzer.save_gradient(args.save_gradient)}")
         if sweep is not None or len(methods) > 1:
