@@ -305,6 +305,7 @@ def test_analysis_doc_states_the_codes_figures():
     from deltastream.analysis.model import HEAD_ROWS
     from deltastream.analysis.weights import CHUNK_ELEMS
 
-    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "analysis.md"), encoding="utf-8").read()
+    doc = " ".join(open(os.path.join(os.path.dirname(__file__), "..", "docs", "analysis.md"),
+                        encoding="utf-8").read().split())
     assert f"{HEAD_ROWS} positions' logits" in doc
     assert f"{CHUNK_ELEMS >> 20}M elements at a time" in doc
