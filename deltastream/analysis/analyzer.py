@@ -28,7 +28,7 @@ from ..methods import METHODS, Method
 from .data import Windows, load_tokenizer, make_windows
 from .errors import AnalysisError, require_transformers
 from .model import DTYPES, causal_lm_objective, load_model, parameters_by_name
-from .weights import EditedTensor, changed_tensors, layer_of
+from .weights import EditedTensor, changed_tensors, float_values, layer_of
 
 __all__ = ["Analyzer", "Analysis", "Objective"]
 
@@ -167,12 +167,11 @@ class Analyzer:
 
     def save_gradient(self, out: str) -> str:
         """Write grad L(W_POST) as the checkpoint folder ``out`` (for ``edit --method biased -p by=grad``)."""
-        source = self.gradient()
-        partial = f"{out}.partial-{os.getpid()}"
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(source, partial)
         if os.path.lexists(out):
             raise ParameterError(f"{tensor_context(out)}: exists; the gradient is not written over anything")
+        partial = f"{out}.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(self.gradient(), partial)
         os.replace(partial, out)
         return os.path.abspath(out)
 
@@ -313,12 +312,10 @@ class Analyzer:
 
     def _dots_with_file(self, changed: list[EditedTensor]) -> dict[str, float]:
         """The first-order products from the saved gradient at W_POST (no forward/backward)."""
-        from ..checkpoint.reader import read_bits
-
         assert self._gradient is not None
         grads = open_checkpoint(self._gradient).tensors
-        return {t.name: math.fsum(float(np.dot(read_bits(grads[t.name], start, stop).view(np.float32)
-                                               .astype(np.float64), t.change(start, stop)))
+        return {t.name: math.fsum(float(np.dot(float_values(grads[t.name], start, stop).astype(np.float64),
+                                               t.change(start, stop)))
                                   for start, stop in t.chunks()) for t in changed}
 
     def _zero_grad(self) -> None:

@@ -19,7 +19,7 @@ from ..checkpoint.reader import read_bits
 from ..dtypes import to_float32
 from ..errors import MismatchError, tensor_context
 
-__all__ = ["EditedTensor", "changed_tensors", "layer_of", "CHUNK_ELEMS"]
+__all__ = ["EditedTensor", "changed_tensors", "layer_of", "float_values", "CHUNK_ELEMS"]
 
 CHUNK_ELEMS = 1 << 22  # elements per read: 16 MiB of float32, 32 MiB of the float64 products
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
@@ -31,7 +31,7 @@ def layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _floats(info: TensorInfo, start: int, stop: int) -> np.ndarray:
+def float_values(info: TensorInfo, start: int, stop: int) -> np.ndarray:
     if not info.dtype.computable:
         raise MismatchError(f"{tensor_context(info.path, info.name)}: dtype {info.dtype.name} is not a float")
     return to_float32(read_bits(info, start, stop), info.dtype)
@@ -58,10 +58,10 @@ class EditedTensor:
             yield start, min(start + CHUNK_ELEMS, self.numel)
 
     def post_values(self, start: int, stop: int) -> np.ndarray:
-        return _floats(self.post, start, stop)
+        return float_values(self.post, start, stop)
 
     def edited_values(self, start: int, stop: int) -> np.ndarray:
-        return _floats(self.edited, start, stop)
+        return float_values(self.edited, start, stop)
 
     def change(self, start: int, stop: int) -> np.ndarray:
         """dW~ over elements [start, stop), float64 (exact for float32 and narrower inputs)."""
@@ -93,21 +93,15 @@ def changed_tensors(post: Checkpoint, edited: Checkpoint) -> list[EditedTensor]:
         if tuple(other.shape) != tuple(info.shape):
             raise MismatchError(f"{tensor_context(other.path, name)}: shape {list(other.shape)} in the edited "
                                 f"checkpoint, {list(info.shape)} in the fine-tune: not an edit of this fine-tune")
-        if other.dtype == info.dtype and other.nbytes == info.nbytes and _same_bytes(info, other):
-            continue
-        norm2 = 0.0
+        norm2 = 0.0  # one pass: a chunk of equal bits costs a compare, a changed one its norm
         for start in range(0, info.numel, CHUNK_ELEMS):
             stop = min(start + CHUNK_ELEMS, info.numel)
-            d = _floats(other, start, stop).astype(np.float64) - _floats(info, start, stop)
+            same_dtype = other.dtype == info.dtype
+            if same_dtype and np.array_equal(read_bits(info, start, stop), read_bits(other, start, stop)):
+                continue
+            d = float_values(other, start, stop).astype(np.float64) - float_values(info, start, stop)
             norm2 += float(np.dot(d, d))
         if norm2 > 0 or math.isnan(norm2):
             out.append(EditedTensor(info, other, norm2))
     return out
 
-
-def _same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
-    for start in range(0, a.numel, CHUNK_ELEMS):
-        stop = min(start + CHUNK_ELEMS, a.numel)
-        if not np.array_equal(read_bits(a, start, stop), read_bits(b, start, stop)):
-            return False
-    return True
