@@ -161,8 +161,10 @@ def test_the_saved_gradient_gives_the_same_first_order_term(llama, tmp_path):
         first = fresh.run("extrapolate", {"alpha": 0.3})
         path = fresh.save_gradient(str(tmp_path / "grad"))
         again = fresh.run("extrapolate", {"alpha": 0.3})  # c = 0 now from the saved gradient
-    assert again.first_order == pytest.approx(first.first_order, rel=1e-12)
-    assert again.term == pytest.approx(first.term, rel=1e-12)
+    # the same figures up to rounding: the saved gradient is the float32 sum over the batches,
+    # a run's own pass takes each batch's products in float64
+    assert again.first_order == pytest.approx(first.first_order, rel=1e-6)
+    assert again.term == pytest.approx(first.term, rel=1e-6)
     assert sorted(os.listdir(path)) == ["model.safetensors"]
 
 

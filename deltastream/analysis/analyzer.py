@@ -22,13 +22,12 @@ from typing import Any
 import numpy as np
 
 from ..checkpoint import CheckpointWriter, OutputTensor, open_checkpoint
-from ..checkpoint.writer import write_at
 from ..errors import ParameterError, tensor_context
 from ..methods import METHODS, Method
 from .data import Windows, load_tokenizer, make_windows
 from .errors import AnalysisError, require_transformers
 from .model import DTYPES, causal_lm_objective, load_model, parameters_by_name
-from .weights import EditedTensor, changed_tensors, float_values, layer_of
+from .weights import CHUNK_ELEMS, EditedTensor, changed_tensors, float_values, layer_of
 
 __all__ = ["Analyzer", "Analysis", "Objective"]
 
@@ -73,6 +72,21 @@ class Analysis:
         out.update(out.pop("extra"))
         out["delta_loss"] = self.delta_loss
         return out
+
+
+def _dot(grad, tensor: EditedTensor) -> float:
+    """< grad, dW~ > of one tensor, the products summed in float64, chunk by chunk."""
+    flat = grad.detach().reshape(-1)
+    return math.fsum(float(np.dot(flat[start:stop].double().cpu().numpy(), tensor.change(start, stop)))
+                     for start, stop in tensor.chunks())
+
+
+def _freeing(take: Callable[[Any], None]) -> Callable[[Any], None]:
+    def hook(param) -> None:
+        take(param.grad)
+        param.grad = None
+
+    return hook
 
 
 def _positive(name: str, value: int) -> int:
@@ -160,9 +174,11 @@ class Analyzer:
         if self._gradient is None:
             for p in self.model.parameters():
                 p.requires_grad_(p.is_floating_point())
-            self._loss_post, _ = self._pass([], with_grad=True)
-            self._gradient = self._save_gradient(os.path.join(self.work, GRADIENT_DIR))
-            self._zero_grad()
+            try:
+                self._gradient = self._accumulate_gradient(os.path.join(self.work, GRADIENT_DIR))
+            finally:
+                for p in self.model.parameters():
+                    p.requires_grad_(False)
         return self._gradient
 
     def save_gradient(self, out: str) -> str:
@@ -212,7 +228,7 @@ class Analyzer:
                                 "which is not a parameter of the model transformers built")
         if not changed:  # nothing to differentiate: the term is 0 and the loss is W_POST's
             if self._loss_post is None:
-                self._loss_post = self._pass([], with_grad=False)[0]
+                self._loss_post = self._pass(None)
             return self._result(changed, [{} for _ in range(self.steps)], self._loss_post)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -228,13 +244,14 @@ class Analyzer:
                     per_step.append(self._dots_with_file(changed))
                     continue
                 self._set(changed, c / self.steps)
-                loss, dots = self._pass(changed, with_grad=True)
+                dots = dict.fromkeys((t.name for t in changed), 0.0)
+                loss = self._pass(self._product_sinks(changed, dots))
                 if c == 0:
                     self._loss_post = loss
                 per_step.append(dots)
                 bar.update()
             self._set(changed, 1.0)
-            loss_edit = self._pass(changed, with_grad=False)[0]
+            loss_edit = self._pass(None)
             bar.update()
         finally:
             self._set(changed, 0.0)  # back to W_POST, bit for bit, for the next run
@@ -269,46 +286,47 @@ class Analyzer:
                 for start, stop in tensor.chunks():
                     flat[start:stop].copy_(torch.from_numpy(tensor.at(t, start, stop)))
 
-    def _pass(self, changed: list[EditedTensor], with_grad: bool) -> tuple[float, dict[str, float]]:
-        """The loss over every window, and (``with_grad``) < grad L, dW~ > per changed tensor. In
-        float32 the gradient of the mean loss accumulates over the batches (autograd's sum); in
-        bfloat16 each batch's products are taken in float64 at once, so no bf16 sum accumulates."""
+    def _pass(self, sinks: list[tuple[Any, Callable[[Any], None]]] | None) -> float:
+        """The loss over every window; with ``sinks`` (parameter, take(grad)), also backward, each
+        batch's gradient of a parameter handed to its sink the moment backward has it and then
+        freed: the gradients of the whole model are never held at once (the peak is the model
+        plus the gradients backward has in flight)."""
         import torch
 
-        accumulate = self.dtype == "float32"
         n = self.windows.predicted
         total = 0.0
-        dots = dict.fromkeys((t.name for t in changed), 0.0)
         self._zero_grad()
-        for batch in self.windows.batches(self.batch_size):
-            ids = torch.from_numpy(batch).to(self.device)
-            with torch.set_grad_enabled(with_grad):
-                loss = self.objective(self.model, ids)
-                if with_grad:
-                    (loss / n).backward()
-            total += float(loss.detach().double())
-            del loss
-            if with_grad and not accumulate:
-                for name, value in self._dots(changed).items():
-                    dots[name] += value
-                self._zero_grad()
-        if with_grad and accumulate:
-            dots = self._dots(changed)
-        return total / n, dots
+        hooks = [param.register_post_accumulate_grad_hook(_freeing(take)) for param, take in sinks or ()]
+        try:
+            for batch in self.windows.batches(self.batch_size):
+                ids = torch.from_numpy(batch).to(self.device)
+                with torch.set_grad_enabled(sinks is not None):
+                    loss = self.objective(self.model, ids)
+                    if sinks is not None:
+                        (loss / n).backward()
+                total += float(loss.detach().double())
+                del loss
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self._zero_grad()
+        return total / n
 
-    def _dots(self, changed: list[EditedTensor]) -> dict[str, float]:
-        """< grad, dW~ > per tensor, the products summed in float64, chunk by chunk."""
-        out = {}
+    def _product_sinks(self, changed: list[EditedTensor], dots: dict[str, float]):
+        """Sinks adding each batch's < grad, dW~ > (float64) into ``dots``, one per parameter
+        object (a tied weight is one parameter under several names)."""
+        groups: dict[int, tuple[Any, list[EditedTensor]]] = {}
         for tensor in changed:
-            grad = self.params[tensor.name].grad
-            if grad is None:  # the loss does not depend on it (an unused parameter)
-                out[tensor.name] = 0.0
-                continue
-            flat = grad.detach().reshape(-1)
-            out[tensor.name] = math.fsum(
-                float(np.dot(flat[start:stop].double().cpu().numpy(), tensor.change(start, stop)))
-                for start, stop in tensor.chunks())
-        return out
+            param = self.params[tensor.name]
+            groups.setdefault(id(param), (param, []))[1].append(tensor)
+
+        def sink(tensors: list[EditedTensor]) -> Callable[[Any], None]:
+            def take(grad) -> None:
+                for tensor in tensors:
+                    dots[tensor.name] += _dot(grad, tensor)
+            return take
+
+        return [(param, sink(tensors)) for param, tensors in groups.values()]
 
     def _dots_with_file(self, changed: list[EditedTensor]) -> dict[str, float]:
         """The first-order products from the saved gradient at W_POST (no forward/backward)."""
@@ -322,19 +340,31 @@ class Analyzer:
         for p in self.model.parameters():
             p.grad = None
 
-    def _save_gradient(self, folder: str) -> str:
-        """Every parameter's float32 gradient under its checkpoint names (a tied weight once per name)."""
-        import torch
-
+    def _accumulate_gradient(self, folder: str) -> str:
+        """grad L(W_POST) of every float parameter, summed over the batches straight into a
+        float32 checkpoint under the parameters' checkpoint names (file pages, not the heap);
+        a parameter the loss does not reach stays zero. Sets the loss at W_POST on the way."""
         names = [n for n, p in self.params.items() if p.is_floating_point()]
         os.makedirs(folder)
         metadata = {"deltastream_gradient": "grad L(W_POST)", "tokens": str(self.windows.tokens)}
         writer = CheckpointWriter(folder, [OutputTensor(n, "F32", tuple(self.params[n].shape)) for n in names],
                                   1 << 62, metadata)
-        writer.create()
+        writer.create()  # zeros (a sparse file) until a batch adds to them
+        by_param: dict[int, tuple[Any, list[str]]] = {}
         for name in names:
-            p = self.params[name]
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            path, offset = writer.location(name)
-            write_at(path, offset, grad.detach().float().reshape(-1).cpu().numpy(), name)
+            by_param.setdefault(id(self.params[name]), (self.params[name], []))[1].append(name)
+
+        def sink(names: list[str]) -> Callable[[Any], None]:
+            def take(grad) -> None:
+                flat = grad.detach().float().reshape(-1).cpu().numpy()
+                for name in names:
+                    path, offset = writer.location(name)
+                    total = np.memmap(path, np.float32, "r+", offset, flat.shape)
+                    for start in range(0, flat.size, CHUNK_ELEMS):
+                        total[start:start + CHUNK_ELEMS] += flat[start:start + CHUNK_ELEMS]
+                    total.flush()
+                    del total
+            return take
+
+        self._loss_post = self._pass([(param, sink(names)) for param, names in by_param.values()])
         return folder
