@@ -110,9 +110,18 @@ def run_study(prepared, groups: list[Group], *, max_tokens: int, seq_len: int, s
 
 # --- reading the figures ---------------------------------------------------------------------------
 
+def unique(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per distinct edit (Table 1's DARE p=0.5 k=0.5 is also a DARE row): what statistics count."""
+    seen: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        seen.setdefault(json.dumps(r["config"], sort_keys=True), r)
+    return list(seen.values())
+
+
 def correlation(rows: list[dict[str, Any]]) -> dict[str, float]:
     import numpy as np
 
+    rows = unique(rows)
     x = np.array([r["term"] for r in rows])
     y = np.array([r["delta_loss"] for r in rows])
     if len(rows) < 3 or x.std() == 0 or y.std() == 0:
@@ -130,7 +139,7 @@ def relative_error(row: dict[str, Any]) -> float:
 
 
 def small_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in rows if 0 < abs(r["delta_loss"]) < SMALL_CHANGE]
+    return [r for r in unique(rows) if 0 < abs(r["delta_loss"]) < SMALL_CHANGE]
 
 
 def tables(study: dict[str, Any], groups: list[Group]) -> str:
@@ -152,7 +161,7 @@ def tables(study: dict[str, Any], groups: list[Group]) -> str:
                        f"| {r['term']:+.5f} | {r['first_order']:+.5f} | {_pct(relative_error(r))} |")
         out.append("")
     corr = correlation(rows)
-    out += [f"**The term against the measured change, all {corr['n']} rows**: Pearson r = {corr['pearson']:.4f}, "
+    out += [f"**The term against the measured change, all {corr['n']} distinct edits**: Pearson r = {corr['pearson']:.4f}, "
             f"Spearman rho = {corr['spearman']:.4f}.", ""]
     small = small_rows(rows)
     inside = sum(relative_error(r) <= 0.10 for r in small)
@@ -245,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="C, the Riemann sum's steps")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--doc", default=None, help="markdown file whose study:begin/end block gets the tables")
+    parser.add_argument("--rewrite", action="store_true",
+                        help="only rewrite tables, plots and --doc from OUT/results.json (no model is run)")
     parser.add_argument("--tiny", action="store_true", help="a random tiny model and generated text (seconds)")
     args = parser.parse_args(argv)
     wanted = args.rows.split(",")
@@ -257,6 +268,14 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(1)
         groups = [replace(g, sweep=_thin(g.sweep)) for g in groups]
+    out = args.out or (os.path.join(args.cache, "results") if args.tiny else os.path.join(ROOT, "docs", "quality"))
+    if args.rewrite:
+        with open(os.path.join(out, "results.json")) as f:
+            study = json.load(f)
+        study.pop("correlation", None)
+        for path in write_outputs(study, [g for g in GROUPS if g.name in wanted], out, args.doc):
+            print(f"wrote {path}")
+        return 0
     started = time.perf_counter()
     prepared = prepare(args.cache, args.tiny)
     max_tokens = args.max_tokens or (256 if args.tiny else 1024)
@@ -266,7 +285,6 @@ def main(argv: list[str] | None = None) -> int:
     study = run_study(prepared, groups, max_tokens=max_tokens, seq_len=seq_len, steps=args.steps,
                       batch_size=args.batch_size)
     study["total_s"] = time.perf_counter() - started
-    out = args.out or (os.path.join(args.cache, "results") if args.tiny else os.path.join(ROOT, "docs", "quality"))
     for path in write_outputs(study, groups, out, args.doc):
         print(f"wrote {path}")
     corr = correlation(study["rows"])
