@@ -161,8 +161,8 @@ def tables(study: dict[str, Any], groups: list[Group]) -> str:
                        f"| {r['term']:+.5f} | {r['first_order']:+.5f} | {_pct(relative_error(r))} |")
         out.append("")
     corr = correlation(rows)
-    out += [f"**The term against the measured change, all {corr['n']} distinct edits**: Pearson r = {corr['pearson']:.4f}, "
-            f"Spearman rho = {corr['spearman']:.4f}.", ""]
+    out += [f"**The term against the measured change, all {corr['n']} distinct edits**: "
+            f"Pearson r = {corr['pearson']:.4f}, Spearman rho = {corr['spearman']:.4f}.", ""]
     small = small_rows(rows)
     inside = sum(relative_error(r) <= 0.10 for r in small)
     out += [f"**Edits with a small measured change (0 < |change| < {SMALL_CHANGE})**: the term is within 10% of the "
