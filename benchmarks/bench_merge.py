@@ -14,6 +14,11 @@ ratios, and the largest difference between the two outputs. Then batch compressi
 (``write_pair(ulps=4)``, embeddings included): |delta| takes a few values per exponent, so most
 elements tie with the trim threshold, as in real bf16 fine-tunes; the exact top-k's worst case.
 Writes benchmarks/results/bench_merge_<size>_ties-heavy.md (no batch compression section).
+``--pair mergekit-methods``: mergekit's other methods (slerp with a per-filter gradient of t,
+model_stock, nuslerp, multislerp, karcher, sce, nearswap, arcee_fusion) on the default pair;
+writes benchmarks/results/bench_merge_<size>_mergekit-methods.md. mergekit 0.1.5 installs
+beside the CPU torch with ``pip install --no-deps mergekit immutables accelerate peft`` (its
+other requirements are already here or unused by a merge). ``--methods a,b`` runs only those.
 ``--repeat N`` runs each merge N times (both tools, alternating) and reports every run.
 """
 
@@ -35,19 +40,34 @@ from deltastream.checkpoint import open_checkpoint, read_bits  # noqa: E402
 from deltastream.dtypes import to_float32  # noqa: E402
 from deltastream.synthetic import write_pair  # noqa: E402
 
-METHODS = {"task_arithmetic": "", "ties": ", density: 0.5", "dare_ties": ", density: 0.5"}
+#: method -> (fine-tunes merged (None: the pair's), per-model parameters besides weight (None: no
+#: weight), global parameters)
+METHODS = {"task_arithmetic": (None, "", ""), "ties": (None, ", density: 0.5", ""),
+           "dare_ties": (None, ", density: 0.5", ""),
+           # mergekit's other methods (merging/methods/): base + the fine-tunes
+           "slerp": (1, None, "{t: [{filter: self_attn, value: [0.0, 0.5, 0.3, 0.7, 1.0]}, {value: 0.5}]}"),
+           "nuslerp": (2, "", ""), "multislerp": (2, "", ""), "karcher": (2, None, ""),
+           "model_stock": (2, None, ""), "sce": (2, None, "{select_topk: 0.5}"), "nearswap": (1, None, "{t: 0.0001}"),
+           "arcee_fusion": (1, None, "")}
 TIE_ULPS = 4  # the tie-heavy pair: deltas of 1..4 bf16 ulps
 PAIRS = {  # --pair: (merge methods, fine-tunes merged, the pairs' ulps)
-    "default": (list(METHODS), 2, 0),
+    "default": (["task_arithmetic", "ties", "dare_ties"], 2, 0),  # "mergekit-methods": fine-tunes as each needs
+    "mergekit-methods": (["slerp", "model_stock", "nuslerp", "multislerp", "karcher", "sce", "nearswap",
+                          "arcee_fusion"], 2, 0),
     "ties-heavy": (["ties"], 3, TIE_ULPS),
 }
 
 
 def config(path: str, method: str, base: str, fts: list[str]) -> str:
-    models = "".join(f"  - model: {ft}\n    parameters: {{weight: 0.5{METHODS[method]}}}\n" for ft in fts)
-    with open(path, "w") as f:
+    count, per_model, glob = METHODS[method]
+    fts = fts[:count] if count else fts
+    if per_model is None:
+        models = "".join(f"  - model: {ft}\n" for ft in fts)
+    else:
+        models = "".join(f"  - model: {ft}\n    parameters: {{weight: 0.5{per_model}}}\n" for ft in fts)
+    with open(path, "w") as f:  # no tokenizer: the synthetic models have none
         f.write(f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}"
-                "dtype: float32\nout_dtype: bfloat16\n")  # no tokenizer: the synthetic models have none
+                + (f"parameters: {glob}\n" if glob else "") + "dtype: float32\nout_dtype: bfloat16\n")
     return path
 
 
@@ -104,8 +124,11 @@ def main() -> None:
     ap.add_argument("--pair", default="default", choices=sorted(PAIRS),
                     help="ties-heavy: TIES of 3 fine-tunes with deltas of 1-4 bf16 ulps (many tied magnitudes)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each merge (machine noise)")
+    ap.add_argument("--methods", default="", help="comma-separated: only these of the pair's methods")
     args = ap.parse_args()
     methods, merged, ulps = PAIRS[args.pair]
+    if args.methods:
+        methods = [m for m in methods if m in args.methods.split(",")]
     stem = f"{args.size}-ulps{ulps}" if ulps else args.size
     folders = [os.path.join(args.data, stem)] + [os.path.join(args.data, f"{stem}-v{v}") for v in (1, 2, 3)]
     pairs = [write_pair(f, args.size, variant=v, ulps=ulps) for v, f in enumerate(folders[:merged if ulps else 4])]
@@ -120,7 +143,7 @@ def main() -> None:
             rows.append(merge_both(work, method, base, fts[:merged], mergekit if os.path.exists(mergekit) else None))
             print(rows[-1], flush=True)
     batch = None
-    if not ulps:
+    if args.pair == "default":
         ds_exe = os.path.join(os.path.dirname(sys.executable), "deltastream")
         warm([base, *fts])
         batch = (run_tracked([ds_exe, "compress", base, fts[0], "-o", os.path.join(work, "one.dsz"), "-q"]),
@@ -132,7 +155,10 @@ def main() -> None:
 
     title = (f"# Merging the {args.size}-shaped bf16 base + 2 fine-tunes" if not ulps else
              f"# TIES of three tie-heavy fine-tunes (deltas of 1-{ulps} bf16 ulps) of the {args.size}-shaped bf16 base")
-    flags = (f" --pair {args.pair}" if ulps else "") + (f" --repeat {args.repeat}" if args.repeat > 1 else "")
+    if args.pair == "mergekit-methods":
+        title = f"# mergekit's other methods on the {args.size}-shaped bf16 base and fine-tunes"
+    flags = ((f" --pair {args.pair}" if args.pair != "default" else "")
+             + (f" --repeat {args.repeat}" if args.repeat > 1 else ""))
     lines = [title, "", "```", f"python benchmarks/bench_merge.py --size {args.size}{flags}", "```", "",
              "| method | ours s | mergekit s | ours / mergekit time | ours RssAnon | mergekit RssAnon "
              "| ours / mergekit memory | max abs difference |", "|---|---|---|---|---|---|---|---|"]
@@ -150,7 +176,8 @@ def main() -> None:
                   f"(peak RssAnon {one.peak_rss_anon / 2**20:.0f} / {four.peak_rss_anon / 2**20:.0f} MiB)."]
     text = "\n".join(lines) + "\n"
     os.makedirs("benchmarks/results", exist_ok=True)
-    with open(f"benchmarks/results/bench_merge_{args.size}{'_' + args.pair if ulps else ''}.md", "w") as fh:
+    suffix = f"_{args.pair}" if args.pair != "default" else ""
+    with open(f"benchmarks/results/bench_merge_{args.size}{suffix}.md", "w") as fh:
         fh.write(text)
     print(text)
     print(f"(generated at {time.strftime('%Y-%m-%d %H:%M')})")

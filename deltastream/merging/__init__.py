@@ -6,9 +6,9 @@
 from ..errors import DeltastreamWarning
 from .config import MergeConfig, load_merge_config
 from .job import merge
-from .methods import MERGE_METHODS
+from .methods import MERGE_METHODS, STREAMED
 from .plan import build_plan
 from .sparsifiers import SPARSIFIERS
 
-__all__ = ["MERGE_METHODS", "SPARSIFIERS", "DeltastreamWarning", "MergeConfig", "build_plan", "load_merge_config",
-           "merge"]
+__all__ = ["MERGE_METHODS", "STREAMED", "SPARSIFIERS", "DeltastreamWarning", "MergeConfig", "build_plan",
+           "load_merge_config", "merge"]

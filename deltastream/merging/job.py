@@ -29,6 +29,7 @@ from ..plan import DEFAULT_CHUNK_BYTES
 from .chunk import MergeTask, merge_chunk
 from .outputs import model_card, write_config_and_card, write_side_files
 from .plan import MergePlan, build_plan
+from .streamed import StreamedPlan, execute_streamed
 
 __all__ = ["merge", "execute", "MergeTask", "merge_chunk", "model_card"]
 
@@ -45,7 +46,10 @@ def merge(config: str, out: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, memo
                    "shard": max_shard_size, "artifacts": plan.artifacts}
     with job_output(out, overwrite=overwrite, inputs=plan.inputs, resume=resume, plan=fingerprint,
                     options=options) as (folder, options):
-        execute(plan, folder, max_shard_size, resume, options)
+        if isinstance(plan, StreamedPlan):
+            execute_streamed(plan, folder, max_shard_size, resume, options)
+        else:
+            execute(plan, folder, max_shard_size, resume, options)
         write_config_and_card(folder, plan.cfg, os.path.basename(os.path.abspath(out)), seed)
     return os.path.abspath(out)
 

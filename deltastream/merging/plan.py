@@ -25,9 +25,10 @@ from ..policy import DEFAULT_KEEP_EXACT
 from ..sources import Model, Source, checkpoint_model, is_artifact, open_model
 from .chunk import MergeInputs, MergeTask, ModelPart
 from .config import MergeConfig, load_merge_config, resolve
-from .methods import GLOBAL, MERGE_METHODS, PER_MODEL, MergeSpec
+from .methods import GLOBAL, MERGE_METHODS, PER_MODEL, STREAMED, MergeSpec, method_names
 from .passes import SparsifierJob
 from .sparsifiers import sparsifier
+from .streamed import StreamedPlan, build_streamed
 
 __all__ = ["Flags", "TensorMerge", "MergePlan", "build_plan", "merge_footprint"]
 
@@ -93,21 +94,25 @@ class MergePlan:
         chunk = first.chunk_elems if first else chunk_elements(t.base.shape, t.base.dtype.itemsize, self.chunk_bytes)
         spec = self.spec if t.base.dtype.computable else None
         reads = (len(inputs.parts) + 1) * t.base.dtype.itemsize
-        return [MergeTask(t.name, k, index, start, stop, reads * (stop - start), spec, self.cfg.method == "linear",
+        return [MergeTask(t.name, k, index, start, stop, reads * (stop - start), spec, self.spec.of_models,
                           self.flags.normalize, self.flags.lam, self.flags.official, self.seed, t.out_dtype, path,
                           offset)
                 for index, (start, stop) in enumerate(chunk_ranges(math.prod(t.base.shape), chunk))]
 
 
 def build_plan(config: str, *, chunk_bytes: int, memory: int, seed: int, strict: bool,
-               options: RunOptions) -> MergePlan:
+               options: RunOptions) -> MergePlan | StreamedPlan:
     from ..api import effective_chunk_bytes
 
     cfg = load_merge_config(config)
+    streamed = STREAMED.get(cfg.method)
+    if streamed is not None:  # a method of its own module (merging.streamed drives them)
+        return build_streamed(cfg, streamed, chunk_bytes=chunk_bytes, memory=memory, seed=seed, strict=strict,
+                              options=options)
     spec = _spec(cfg)
     flags = _check_params(cfg, spec)
     base = _open_base(cfg)
-    if cfg.method != "linear":  # as mergekit: the base listed among the models adds no task vector
+    if not spec.of_models:  # as mergekit: the base listed among the models adds no task vector
         cfg = replace(cfg, models=tuple(m for m in cfg.models if m.path != cfg.base))
     models = [_open_input(m, cfg, base) for m in cfg.models]
     chunk_bytes = effective_chunk_bytes(chunk_bytes, memory, options, per_byte=merge_footprint(len(models)))
@@ -124,8 +129,8 @@ def _spec(cfg: MergeConfig) -> MergeSpec:
     spec = MERGE_METHODS.get(cfg.method)
     if spec is None:
         raise ParameterError(f"{cfg.where('merge_method')}: unknown merge_method '{cfg.method}' "
-                             f"(valid: {', '.join(sorted(MERGE_METHODS))})")
-    if cfg.base is None and cfg.method != "linear":
+                             f"(valid: {', '.join(method_names())})")
+    if cfg.base is None and not spec.of_models:
         raise ParameterError(f"{cfg.where()}: merge_method '{cfg.method}' needs a base_model")
     return spec
 

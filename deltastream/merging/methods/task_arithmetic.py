@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import kernels
-from .sparsifiers import SPARSIFIERS
+from ... import kernels
+from ..sparsifiers import SPARSIFIERS
 
 __all__ = ["MergeSpec", "MERGE_METHODS", "PER_MODEL", "GLOBAL", "combine", "linear", "TINY_DIVISOR"]
 
@@ -39,11 +39,14 @@ class MergeSpec:
     sparsify: str | None  # magnitude | random | della | outliers
     normalize: bool
     rescale: bool
+    #: a weighted sum of the models themselves (no task vectors): the base is optional and, when
+    #: listed among the models, one of them
+    of_models: bool = False
 
 
 #: mergekit's registry (merge_methods/registry.py): consensus, sparsification, defaults
 MERGE_METHODS = {
-    "linear": MergeSpec(False, None, True, False),
+    "linear": MergeSpec(False, None, True, False, of_models=True),
     "task_arithmetic": MergeSpec(False, None, False, False),
     "ties": MergeSpec(True, "magnitude", True, False),
     "dare_ties": MergeSpec(True, "random", False, True),
