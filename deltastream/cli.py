@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analyze(sub)
 
+    from .serve.command import add_parser as add_serve
+
+    add_serve(sub)
+
     p = sub.add_parser("demo", help="make a small model pair, compress and rebuild it, print a table")
     p.add_argument("--workdir", default=None, help="keep the demo's files here (default: a temp folder)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -264,6 +268,10 @@ def _command(args: argparse.Namespace) -> int:
         from .analysis.command import run as run_analyze
 
         return run_analyze(args)
+    elif args.command == "serve":
+        from .serve.command import run as run_serve
+
+        return run_serve(args)
     elif args.command == "demo":
         from .demo import run_demo
 

@@ -40,8 +40,9 @@ the tasks but are never stored.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -52,6 +53,9 @@ from ..params import describe_params, parse_params
 from ..rng import tensor_key
 from ..scratch import scratch
 from . import backends
+
+if TYPE_CHECKING:
+    from ..serve.forms import ServingChunks, ServingForm
 
 __all__ = ["Method", "LossyMethod", "Edit", "Encoding", "StoredArray", "ChunkContext", "combine_partials",
            "NonFiniteDelta", "non_finite_error", "float_delta"]
@@ -289,6 +293,18 @@ class Method:
     # --- the checkpoint form -----------------------------------------------------------------
     def edit_bits(self, base: np.ndarray, ft: np.ndarray, ctx: ChunkContext) -> np.ndarray:
         return self.decode(base, self.encode(base, ft, ctx), ctx)
+
+    # --- the serving form (deltastream.serve) --------------------------------------------------
+    def serving_form(self, chunks: ServingChunks) -> ServingForm:
+        """The tensor's delta as a serving bank keeps it on the device (serve/forms.py), read
+        chunk by chunk. Default: the decoded float32 delta, dense; a method with a compact form
+        that computes faster than its decode (packed signs, kept entries) gives that instead."""
+        from ..serve.forms import DenseDelta
+
+        out = np.empty(math.prod(chunks.shape), np.float32)
+        for index, (start, stop) in enumerate(chunks.ranges()):
+            out[start:stop] = chunks.delta(index)
+        return DenseDelta(out.reshape(chunks.shape))
 
 
 class LossyMethod(Method):

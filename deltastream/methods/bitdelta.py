@@ -205,6 +205,19 @@ class BitDelta(Encoding):
             edited[~unpack(stored["nonzero"], ctx.size)] = 0
         return edited
 
+    def serving_form(self, chunks):
+        """The packed sign planes as rows and +-alpha per row and level (never decoded)."""
+        from ..serve.forms import SignDelta, packed_rows, rows_cols
+
+        rows = rows_cols(chunks.shape)[0]
+        if self.params.per == "row":
+            alphas = np.asarray(chunks.context(0).state["alpha"], np.float32).reshape(self.levels, rows)
+        else:
+            alphas = np.repeat(np.asarray(chunks.context(0).state["alpha"], np.float32)[:, None], rows, axis=1)
+        mask = packed_rows(chunks, "nonzero") if self.params.zero == "keep" else None
+        return SignDelta(chunks.shape, tuple(packed_rows(chunks, f"signs{j}") for j in range(self.levels)),
+                         alphas, mask)
+
 
 # --- fast paths: numba (1-bit per tensor, BF16) and torch (no residual levels) ------------------
 def _encode_fused(method: BitDelta, base, ft, ctx) -> tuple[dict, dict]:

@@ -178,6 +178,21 @@ class Dare(Encoding):
                 raise self._short(ctx, kept.size)
         return self._apply_mask(delta_from_bits(base, zz, ctx, self), keep, ctx)
 
+    def serving_form(self, chunks):
+        """DARE: the kept entries' decoded deltas and their flat indices, the mask regenerated from
+        the seed chunk by chunk (a sparse index built once: no draws per product); DARE-k changes
+        every entry, so it is dense."""
+        if self.params.k != 0:
+            return super().serving_form(chunks)
+        from ..serve.forms import SparseDelta
+
+        index, values = [], []
+        for i, (start, _) in enumerate(chunks.ranges()):
+            keep = keep_mask(chunks.context(i), self.params.p).copy()
+            index.append(np.flatnonzero(keep) + start)
+            values.append(chunks.delta(i)[keep])
+        return SparseDelta(chunks.shape, np.concatenate(index).astype(np.int64), np.concatenate(values))
+
 
 BIASED_BY = ("delta", "grad")
 

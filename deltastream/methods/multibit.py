@@ -127,3 +127,11 @@ class MultiBit(RankPasses, Encoding):
         np.take(np.asarray(ctx.state["levels"], np.float32), code, out=edited)
         np.negative(edited, out=edited, where=~unpack(stored["signs"], n))
         return edited
+
+    def serving_form(self, chunks):
+        """Packed signs and code planes as rows, and the magnitude table (never decoded)."""
+        from ..serve.forms import CodebookDelta, packed_rows
+
+        levels = np.asarray(chunks.context(0).state["levels"], np.float32)
+        return CodebookDelta(chunks.shape, packed_rows(chunks, "signs"),
+                             tuple(packed_rows(chunks, "codes", p) for p in range(self.params.bits)), levels)
