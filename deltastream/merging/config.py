@@ -17,6 +17,10 @@ interpolated at layer/(layers-1); embeddings and the head take the first value);
 ``{filter, value}`` (the first whose filter is a substring of the tensor name, or ``*``, or
 absent, wins). A per-model value wins over the global ``parameters``.
 
+``slices`` (frankenmerges, ``merging.slices``) replaces ``models``; ``tokenizer: {source, tokens,
+pad_to_multiple_of}``, the legacy ``tokenizer_source`` and ``chat_template`` are parsed into
+:class:`TokenizerSpec` (``merging.tokenizer``); all as mergekit 0.1.5's ``config.py`` defines them.
+
 The file is read by the bounded loader of ``deltastream.yamlconfig`` (size, depth, aliases), and
 every value is typed here, at load: paths are strings, each known parameter has its form and range
 (a density in [0, 1], above 0 for DARE; a flag true or false; every number finite). Errors name the
@@ -35,12 +39,12 @@ from ..params import is_finite_number, range_problem
 from ..yamlconfig import load_yaml
 from .methods import MERGE_METHODS
 
-__all__ = ["MergeConfig", "ModelEntry", "load_merge_config", "resolve", "DTYPES"]
+__all__ = ["MergeConfig", "ModelEntry", "SliceDef", "TokenizerSpec", "TokenSource", "load_merge_config", "resolve",
+           "resolve_at", "DTYPES"]
 
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
             "slices", "modules", "tokenizer", "chat_template"}
-UNSUPPORTED = {"slices": "layer slices", "modules": "modules", "tokenizer": "tokenizer merging",
-               "chat_template": "chat template selection"}
+UNSUPPORTED = {"modules": "modules"}
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "bf16": "BF16", "fp16": "F16", "fp32": "F32",
           "torch.bfloat16": "BF16", "torch.float16": "F16", "torch.float32": "F32"}
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -55,6 +59,44 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
+class SliceDef:
+    """One output slice (mergekit's ``OutputSliceDefinition``): its sources, each a ModelEntry
+    with its ``layer_range`` [start, stop), an optional base_model and parameters."""
+
+    index: int
+    sources: tuple[ModelEntry, ...]
+    ranges: tuple[tuple[int, int], ...]
+    base: str | None  # resolved path (the slice's own base_model), None: the config's
+    parameters: dict[str, Any]
+
+    @property
+    def length(self) -> int:
+        return self.ranges[0][1] - self.ranges[0][0]
+
+
+@dataclass(frozen=True)
+class TokenSource:
+    """Where one token's embedding comes from (mergekit's ``TokenEmbeddingConfig``): ``kind`` is
+    "model" (that model's row of the token), "model_token" (that model's row of another token or
+    id), "zero" or None (mergekit's defaults); ``force`` uses it even where a model has the token."""
+
+    kind: str | None
+    model: str | None = None  # resolved path
+    token_id: int | None = None
+    token: str | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    source: str  # "base", "union" or a model's resolved path
+    source_ref: str
+    tokens: dict[str, TokenSource]
+    pad_to_multiple_of: int | None
+    key: str  # "tokenizer" or the legacy "tokenizer_source"
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     path: str
     text: str
@@ -66,6 +108,9 @@ class MergeConfig:
     dtype: str | None
     out_dtype: str | None
     lines: dict[tuple, int] = field(default_factory=dict)
+    slices: tuple[SliceDef, ...] = ()
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None
 
     def where(self, *path) -> str:
         line = self.lines.get(tuple(path))
@@ -88,15 +133,25 @@ def load_merge_config(path: str) -> MergeConfig:
 
     method = _check_top(doc, where)
     config_dir = os.path.dirname(os.path.abspath(path))
-    models = _model_entries(doc.get("models"), method, where, lines, config_dir)
+    slices: tuple[SliceDef, ...] = ()
+    if doc.get("slices") is not None:
+        if doc.get("models") is not None:
+            raise ParameterError(f"{where('slices')}: give 'models' or 'slices', not both")
+        slices = _slices(doc["slices"], method, where, lines, config_dir)
+        models = _slice_models(slices)
+    else:
+        models = _model_entries(doc.get("models"), method, where, lines, config_dir)
     base = doc.get("base_model")
     base = _path(base, "base_model", where("base_model")) if base is not None else None
     dtypes = {key: _dtype(doc.get(key), key, where) for key in ("dtype", "out_dtype")}
     params = _parameters(doc.get("parameters"), method, lambda *k: where("parameters", *k), top=True)
-    return MergeConfig(path=os.path.abspath(path), text=text, method=method,
-                       base=_resolve_path(base, config_dir) if base is not None else None, base_ref=base,
+    base_path = _resolve_path(base, config_dir) if base is not None else None
+    known = {m.model: m.path for m in models} | ({base: base_path} if base is not None and base_path else {})
+    tokenizer = _tokenizer(doc, where, config_dir, known)
+    return MergeConfig(path=os.path.abspath(path), text=text, method=method, base=base_path, base_ref=base,
                        models=tuple(models), parameters=params, dtype=dtypes["dtype"],
-                       out_dtype=dtypes["out_dtype"], lines=lines)
+                       out_dtype=dtypes["out_dtype"], lines=lines, slices=slices, tokenizer=tokenizer,
+                       chat_template=_chat_template(doc.get("chat_template"), where))
 
 
 def _check_top(doc: Any, where) -> str:
@@ -110,10 +165,6 @@ def _check_top(doc: Any, where) -> str:
         if key in UNSUPPORTED and doc[key] is not None:
             raise ParameterError(f"{where(key)}: {show(key)} ({UNSUPPORTED[key]}) is not supported by deltastream "
                                  "merge; use 'models:' with per-tensor filters")
-    source = doc.get("tokenizer_source", "base")
-    if source not in (None, "base"):
-        raise ParameterError(f"{where('tokenizer_source')}: tokenizer_source {show(source)} is not supported: "
-                             "only 'base' (the base model's tokenizer, embeddings cropped to it)")
     method = doc.get("merge_method")
     if method is None:
         raise ParameterError(f"{where()}: missing 'merge_method'")
@@ -139,6 +190,194 @@ def _model_entries(models_doc: Any, method: str, where, lines: dict, config_dir:
         params = _parameters(entry.get("parameters"), method, lambda *k, i=i: where("models", i, "parameters", *k))
         models.append(ModelEntry(ref, _resolve_path(ref, config_dir), params, lines.get(("models", i), 0)))
     return models
+
+
+def _slices(doc: Any, method: str, where, lines: dict, config_dir: str) -> tuple[SliceDef, ...]:
+    """mergekit's ``slices``: each ``{sources: [{model, layer_range: [start, stop], parameters}],
+    base_model, parameters}``; every source of a slice spans the same number of layers (the
+    ranges' ends are checked against each model's layers when the plan opens it)."""
+    if not isinstance(doc, list) or not doc:
+        raise ParameterError(f"{where('slices')}: 'slices' must be a non-empty list of {{sources: [...]}}")
+    out = []
+    for i, entry in enumerate(doc):
+        if not isinstance(entry, dict) or "sources" not in entry:
+            raise ParameterError(f"{where('slices', i)}: a slice needs 'sources: [{{model, layer_range}}, ...]'")
+        extra = sorted((k for k in entry if k not in ("sources", "base_model", "parameters")), key=str)
+        if extra:
+            raise ParameterError(f"{where('slices', i, extra[0])}: unknown key {show(extra[0])} in a slice "
+                                 "(valid: sources, base_model, parameters)")
+        if entry.get("residual_weight") is not None:
+            raise ParameterError(f"{where('slices', i, 'residual_weight')}: residual_weight is not supported")
+        sources_doc = entry["sources"]
+        if not isinstance(sources_doc, list) or not sources_doc:
+            raise ParameterError(f"{where('slices', i, 'sources')}: 'sources' must be a non-empty list of "
+                                 "{model, layer_range}")
+        sources, ranges = [], []
+        for j, src in enumerate(sources_doc):
+            at = ("slices", i, "sources", j)
+            if not isinstance(src, dict) or "model" not in src:
+                raise ParameterError(f"{where(*at)}: a slice source needs 'model: PATH' and "
+                                     "'layer_range: [start, stop]'")
+            extra = sorted((k for k in src if k not in ("model", "layer_range", "parameters")), key=str)
+            if extra:
+                raise ParameterError(f"{where(*at, extra[0])}: unknown key {show(extra[0])} in a slice source "
+                                     "(valid: model, layer_range, parameters)")
+            ref = _path(src["model"], "model", where(*at, "model"))
+            span = src.get("layer_range")
+            if not (isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)
+                    and 0 <= span[0] < span[1]):
+                raise ParameterError(f"{where(*at, 'layer_range') if 'layer_range' in src else where(*at)}: "
+                                     f"layer_range must be [start, stop] with 0 <= start < stop, not {show(span)}")
+            params = _parameters(src.get("parameters"), method, lambda *k, at=at: where(*at, "parameters", *k))
+            sources.append(ModelEntry(ref, _resolve_path(ref, config_dir), params, lines.get(at, 0)))
+            ranges.append((span[0], span[1]))
+        lengths = [b - a for a, b in ranges]
+        if len(set(lengths)) > 1:
+            j = next(j for j, n in enumerate(lengths) if n != lengths[0])
+            raise ParameterError(f"{where('slices', i, 'sources', j, 'layer_range')}: every source of a slice spans "
+                                 f"the same number of layers: {list(ranges[j])} has {lengths[j]}, "
+                                 f"{list(ranges[0])} has {lengths[0]}")
+        seen: dict[str, int] = {}
+        for j, s in enumerate(sources):
+            if s.path in seen:
+                raise ParameterError(f"{where('slices', i, 'sources', j, 'model')}: model {show(s.model)} is "
+                                     f"already source {seen[s.path]} of this slice (a slice takes each model once)")
+            seen[s.path] = j
+        base = entry.get("base_model")
+        base = _resolve_path(_path(base, "base_model", where("slices", i, "base_model")), config_dir) \
+            if base is not None else None
+        params = _parameters(entry.get("parameters"), method, lambda *k, i=i: where("slices", i, "parameters", *k))
+        out.append(SliceDef(i, tuple(sources), tuple(ranges), base, params))
+    return tuple(out)
+
+
+def _slice_models(slices: tuple[SliceDef, ...]) -> list[ModelEntry]:
+    """Every model the slices name, once each, in order of appearance (parameters are the sources')."""
+    seen: dict[str, ModelEntry] = {}
+    for s in slices:
+        for src in s.sources:
+            seen.setdefault(src.path, ModelEntry(src.model, src.path, {}, src.line))
+    return list(seen.values())
+
+
+def _tokenizer(doc: dict, where, config_dir: str, known: dict[str, str]) -> TokenizerSpec | None:
+    """``tokenizer: {source, tokens, pad_to_multiple_of}`` or the legacy ``tokenizer_source``."""
+    legacy, spec = doc.get("tokenizer_source"), doc.get("tokenizer")
+    if legacy is not None and spec is not None:
+        raise ParameterError(f"{where('tokenizer')}: give 'tokenizer' or the legacy 'tokenizer_source', not both")
+    if legacy == "base":  # deltastream's behaviour before tokenizer merging: the base's files, rows cropped
+        return None
+    if legacy is not None:
+        source, ref = _tokenizer_source(legacy, ("tokenizer_source",), where, config_dir, known)
+        return TokenizerSpec(source, ref, {}, None, "tokenizer_source")
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise ParameterError(f"{where('tokenizer')}: 'tokenizer' must be a mapping "
+                             "(source, tokens, pad_to_multiple_of)")
+    extra = sorted((k for k in spec if k not in ("source", "tokens", "pad_to_multiple_of")), key=str)
+    if extra:
+        raise ParameterError(f"{where('tokenizer', extra[0])}: unknown key {show(extra[0])} in 'tokenizer' "
+                             "(valid: source, tokens, pad_to_multiple_of)")
+    source, ref = _tokenizer_source(spec.get("source", "union"), ("tokenizer", "source"), where, config_dir, known)
+    pad = spec.get("pad_to_multiple_of")
+    if pad is not None and (type(pad) is not int or pad < 1):
+        raise ParameterError(f"{where('tokenizer', 'pad_to_multiple_of')}: pad_to_multiple_of must be an integer "
+                             f">= 1, not {show(pad)}")
+    tokens_doc = spec.get("tokens") or {}
+    if not isinstance(tokens_doc, dict):
+        raise ParameterError(f"{where('tokenizer', 'tokens')}: 'tokens' must be a mapping of "
+                             "token -> {source, force}")
+    tokens = {}
+    for tok, cfg in tokens_doc.items():
+        at = ("tokenizer", "tokens", tok)
+        if not isinstance(tok, str) or not tok:
+            raise ParameterError(f"{where(*at)}: a token must be a non-empty string, not {show(tok)}")
+        tokens[tok] = _token_source(cfg, at, where, known)
+    return TokenizerSpec(source, ref, tokens, pad, "tokenizer")
+
+
+def _model_ref(value: Any, at: tuple, where, known: dict[str, str], what: str) -> str:
+    if not isinstance(value, str) or value not in known:
+        raise ParameterError(f"{where(*at)}: {what} {show(value)} is not a model of this config "
+                             f"(models: {', '.join(sorted(known)) or 'none'})")
+    return known[value]
+
+
+def _tokenizer_source(value: Any, at: tuple, where, config_dir: str, known: dict[str, str]) -> tuple[str, str]:
+    if value in ("base", "union"):
+        return value, value
+    if not isinstance(value, str) or not value:
+        raise ParameterError(f"{where(*at)}: the tokenizer source must be base, union or a model, not {show(value)}")
+    path = known.get(value) or _resolve_path(value, config_dir)
+    if not os.path.exists(path):
+        raise ParameterError(f"{where(*at)}: tokenizer source model {show(value)} not found ({path}); "
+                             "valid: base, union or a model folder")
+    return path, value
+
+
+def _token_source(cfg: Any, at: tuple, where, known: dict[str, str]) -> TokenSource:
+    if cfg is None:
+        return TokenSource(None)
+    if not isinstance(cfg, dict):
+        raise ParameterError(f"{where(*at)}: a token's setting is a mapping {{source, force}}, not {show(cfg)}")
+    extra = sorted((k for k in cfg if k not in ("source", "force")), key=str)
+    if extra:
+        raise ParameterError(f"{where(*at, extra[0])}: unknown key {show(extra[0])} (valid: source, force)")
+    force = cfg.get("force", False)
+    if not isinstance(force, bool):
+        raise ParameterError(f"{where(*at, 'force')}: force must be true or false, not {show(force)}")
+    src = cfg.get("source")
+    if src is None:
+        return TokenSource(None, force=force)
+    if isinstance(src, str):
+        return TokenSource("model", _model_ref(src, at + ("source",), where, known, "source model"), force=force)
+    if not isinstance(src, dict) or src.get("kind") not in ("zero", "model_token"):
+        raise ParameterError(f"{where(*at, 'source')}: a token source is a model, {{kind: zero}} or "
+                             f"{{kind: model_token, model, token | token_id}}, not {show(src)}")
+    if src["kind"] == "zero":
+        return TokenSource("zero", force=force)
+    model = _model_ref(src.get("model"), at + ("source", "model"), where, known, "source model")
+    token_id, token = src.get("token_id"), src.get("token")
+    if (token_id is None) == (token is None):
+        raise ParameterError(f"{where(*at, 'source')}: a model_token source takes one of token or token_id")
+    if token_id is not None and (type(token_id) is not int or token_id < 0):
+        raise ParameterError(f"{where(*at, 'source', 'token_id')}: token_id must be an integer >= 0, "
+                             f"not {show(token_id)}")
+    if token is not None and not isinstance(token, str):
+        raise ParameterError(f"{where(*at, 'source', 'token')}: token must be a string, not {show(token)}")
+    return TokenSource("model_token", model, token_id, token, force)
+
+
+def _chat_template(value: Any, where) -> str | None:
+    """mergekit's ``chat_template``: "auto" (the models' most common), a built-in name, or a Jinja
+    template (at least 20 characters with a '{')."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ParameterError(f"{where('chat_template')}: chat_template must be a string, not {show(value)}")
+    if value == "auto" or builtin_template(value) is not None:
+        return value
+    if len(value) < 20 or "{" not in value:
+        raise ParameterError(f"{where('chat_template')}: invalid chat_template {show(value)}: auto, a built-in name "
+                             f"({', '.join(BUILTIN_TEMPLATES)}) or a Jinja template")
+    return value
+
+
+#: mergekit's built-in template names (its package data; used when mergekit is installed)
+BUILTIN_TEMPLATES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
+
+
+def builtin_template(name: str) -> str | None:
+    """The text of a mergekit built-in chat template, None if not one (or mergekit is absent)."""
+    if name not in BUILTIN_TEMPLATES:
+        return None
+    try:
+        import importlib.resources
+
+        return importlib.resources.files("mergekit._data.chat_templates").joinpath(name + ".jinja").read_text()
+    except (ImportError, OSError):
+        return None
 
 
 def _dtype(value: Any, key: str, where) -> str | None:
@@ -233,18 +472,23 @@ def layer_position(tensor: str, layers: int) -> float:
 
 def resolve(setting: Any, tensor: str, layers: int) -> Any:
     """The value of a setting for one tensor (None: no match, fall through to the next scope)."""
+    return resolve_at(setting, tensor, layer_position(tensor, layers))
+
+
+def resolve_at(setting: Any, tensor: str, t: float) -> Any:
+    """``resolve`` at a given gradient position ``t`` (a slice's: its layer / (its layers - 1))."""
     if not isinstance(setting, list):
         return setting
     if setting and all(isinstance(v, dict) for v in setting):
         for entry in setting:
             f = entry.get("filter")
             if f is None or f == "*" or str(f) in tensor:
-                return resolve(entry.get("value"), tensor, layers)
+                return resolve_at(entry.get("value"), tensor, t)
         return None
     if setting and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
-        s = layer_position(tensor, layers) * (len(setting) - 1)
+        s = t * (len(setting) - 1)
         i0 = int(s)
         i1 = min(len(setting) - 1, i0 + 1)
         frac = s - i0
         return (1 - frac) * setting[i0] + frac * setting[i1]
-    return setting[int(layer_position(tensor, layers) * (len(setting) - 1))] if setting else None
+    return setting[int(t * (len(setting) - 1))] if setting else None

@@ -27,7 +27,7 @@ from ..jobs.tensors import run_stats_passes
 from ..methods.base import NonFiniteDelta
 from ..plan import DEFAULT_CHUNK_BYTES
 from .chunk import MergeTask, merge_chunk
-from .outputs import model_card, write_config_and_card, write_side_files
+from .outputs import finish_outputs, model_card, write_config_and_card
 from .plan import MergePlan, build_plan
 from .streamed import StreamedPlan, execute_streamed
 
@@ -67,7 +67,7 @@ def execute(plan: MergePlan, folder: str, max_shard_size: int, resume: bool, opt
     with _non_finite_remedy(plan.cfg.method):
         run_tasks(merge_chunk, tasks, name="merge", options=options, total_bytes=sum(t.nbytes for t in tasks),
                   bytes_of=lambda t: t.nbytes, shared=inputs, uses=lambda t: (t.inputs,))
-    write_side_files(folder, plan.reference.side_files, plan.cfg.out_dtype or plan.cfg.dtype)
+    finish_outputs(folder, plan.reference.side_files, plan.cfg, plan.config_updates, plan.vocab)
 
 
 @contextmanager

@@ -14,7 +14,8 @@ import fnmatch
 import math
 import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..dtypes import COMPUTABLE
@@ -24,7 +25,7 @@ from ..plan import chunk_elements, chunk_ranges
 from ..policy import DEFAULT_KEEP_EXACT
 from ..sources import Model, Source, checkpoint_model, is_artifact, open_model
 from .chunk import MergeInputs, MergeTask, ModelPart
-from .config import MergeConfig, load_merge_config, resolve
+from .config import MergeConfig, ModelEntry, load_merge_config, resolve
 from .methods import GLOBAL, MERGE_METHODS, PER_MODEL, STREAMED, MergeSpec, method_names
 from .passes import SparsifierJob
 from .sparsifiers import sparsifier
@@ -62,6 +63,9 @@ class TensorMerge:
     parts: tuple[Source, ...]
     weights: tuple[float, ...]
     out_dtype: str
+    entries: tuple[ModelEntry, ...] = ()  # a slice's models (a sliced merge); () : the config's models
+    t: float | None = None  # the slice's gradient position; None: by the name's layer
+    scopes: tuple[dict, ...] = ()  # the slice's shared parameter scopes (highest first)
 
 
 @dataclass
@@ -76,6 +80,8 @@ class MergePlan:
     seed: int
     inputs: list[str]  # every file read: what the output must never overwrite
     artifacts: list[str]  # the artifact models' manifest_sha256: a resume must read the same ones
+    config_updates: dict[str, Any] | None = None  # config.json keys the output sets (a frankenmerge's layers)
+    vocab: Any = field(default=None)  # the tokenizer plan (merging.tokenizer.VocabPlan)
 
     def tasks(self, location) -> tuple[list[MergeTask], list[MergeInputs]]:
         """The write pass: every chunk of every tensor, placed by ``location(name)``, and each
@@ -86,7 +92,7 @@ class MergePlan:
         return tasks, inputs
 
     def _inputs(self, t: TensorMerge) -> MergeInputs:
-        jobs = [self.jobs.get((m.model, t.name)) for m in self.cfg.models]
+        jobs = [self.jobs.get((m.model, t.name)) for m in (t.entries or self.cfg.models)]
         return MergeInputs(t.base, tuple(ModelPart(s, w, j) for s, w, j in zip(t.parts, t.weights, jobs)))
 
     def _tensor_tasks(self, t: TensorMerge, k: int, inputs: MergeInputs, path: str, offset: int) -> list[MergeTask]:
@@ -111,6 +117,9 @@ def build_plan(config: str, *, chunk_bytes: int, memory: int, seed: int, strict:
                               options=options)
     spec = _spec(cfg)
     flags = _check_params(cfg, spec)
+    if cfg.slices:
+        return _build_sliced(cfg, spec, flags, chunk_bytes=chunk_bytes, memory=memory, seed=seed, strict=strict,
+                             options=options)
     base = _open_base(cfg)
     if not spec.of_models:  # as mergekit: the base listed among the models adds no task vector
         cfg = replace(cfg, models=tuple(m for m in cfg.models if m.path != cfg.base))
@@ -118,11 +127,78 @@ def build_plan(config: str, *, chunk_bytes: int, memory: int, seed: int, strict:
     chunk_bytes = effective_chunk_bytes(chunk_bytes, memory, options, per_byte=merge_footprint(len(models)))
     reference = checkpoint_model(base) if base is not None else models[0]
     layers = len({n.split(".layers.")[1].split(".")[0] for n in reference.tensors if ".layers." in n})
-    tensors = [_tensor(cfg, name, src, models, strict, layers) for name, src in reference.tensors.items()]
+    vocab = None
+    if cfg.tokenizer is not None or cfg.chat_template is not None:
+        from .tokenizer import build_vocab_plan
+
+        vocab = build_vocab_plan(cfg, reference, {**({cfg.base: reference} if cfg.base else {}),
+                                                  **{e.path: m for e, m in zip(cfg.models, models)}},
+                                 cfg.base or cfg.models[0].path)
+    tensors = [_tensor(cfg, name, src, models, strict, layers, vocab) for name, src in reference.tensors.items()]
     inputs = [cfg.path] + (base.files if base else []) + [p for m in models for p in m.files]
     jobs = _sparsifier_jobs(cfg, spec, flags, tensors, layers, chunk_bytes)
     return MergePlan(cfg, spec, flags, reference, tensors, jobs, chunk_bytes, seed, inputs,
-                     [m.digest for m in models if m.digest])
+                     [m.digest for m in models if m.digest], vocab.config_updates() if vocab else None, vocab)
+
+
+def _build_sliced(cfg: MergeConfig, spec: MergeSpec, flags: Flags, *, chunk_bytes: int, memory: int, seed: int,
+                  strict: bool, options: RunOptions) -> MergePlan:
+    """A ``slices`` config (merging.slices) of the task arithmetic family: each output tensor
+    from its slice's sources, the slice's base_model (or the config's) among them."""
+    from ..api import effective_chunk_bytes
+    from .slices import slice_tensors
+    from .streamed import _first
+
+    if flags.global_trim:
+        raise ParameterError(f"{cfg.where('parameters', 'global_trim')}: global_trim ranks whole models: it does "
+                             "not take slices")
+    for s in cfg.slices:
+        base_path = s.base or cfg.base
+        if not spec.of_models and not any(src.path == base_path for src in s.sources):
+            raise ParameterError(f"{cfg.where('slices', s.index, 'sources')}: the base_model is not among this "
+                                 f"slice's sources: merge_method '{cfg.method}' reads its layers from them")
+    base = _open_base(cfg)
+    opened = {m.path: _open_input(m, cfg, base) for m in cfg.models}
+    reference = checkpoint_model(base) if base is not None else opened[cfg.slices[0].sources[0].path]
+    found, layers = slice_tensors(cfg, opened)
+    chunk_bytes = effective_chunk_bytes(chunk_bytes, memory, options,
+                                        per_byte=merge_footprint(max(len(s.sources) for s in cfg.slices)))
+    vocab = None
+    if cfg.tokenizer is not None or cfg.chat_template is not None:
+        from .tokenizer import build_vocab_plan
+
+        vocab = build_vocab_plan(cfg, reference, {**({cfg.base: reference} if cfg.base else {}), **opened},
+                                 cfg.base or cfg.slices[0].sources[0].path)
+    out_dtype = cfg.out_dtype or cfg.dtype
+    tensors = []
+    for st in found:
+        base_path = st.slice.base or cfg.base
+        base_src = next((src for e, src in st.inputs if e.path == base_path), None)
+        pairs = [(e, src) for e, src in st.inputs if spec.of_models or e.path != base_path]
+        ref = base_src if base_src is not None else pairs[0][1]
+        if vocab is not None and vocab.is_vocab(st.name, ref):
+            permuted = vocab.permute(st.name, [e.path for e, _ in st.inputs], [src for _, src in st.inputs],
+                                     base_path)
+            by_path = {e.path: p for (e, _), p in zip(st.inputs, permuted)}
+            pairs = [(e, by_path[e.path]) for e, _ in pairs]
+            ref = by_path[base_path] if base_src is not None and base_path is not None else pairs[0][1]
+        parts = [_crop(src, ref, e.model, strict) for e, src in pairs]
+        weights = []
+        for e, _ in pairs:
+            weight = _first((e.parameters,) + st.scopes, "weight", st.name, st.t)
+            if weight is None:
+                raise ParameterError(f"file '{cfg.path}' line {e.line}: missing parameter 'weight' for model "
+                                     f"'{e.model}' (tensor '{st.name}')")
+            weights.append(float(weight))
+        _check_dtypes(ref, parts)
+        tensors.append(TensorMerge(st.name, ref, tuple(parts), tuple(weights),
+                                   out_dtype if ref.dtype.computable and out_dtype else ref.dtype.name,
+                                   tuple(e for e, _ in pairs), st.t, st.scopes))
+    files = [cfg.path] + (base.files if base else []) + sorted({p for m in opened.values() for p in m.files})
+    jobs = _sparsifier_jobs(cfg, spec, flags, tensors, layers, chunk_bytes)
+    updates = {**(vocab.config_updates() if vocab else {}), "num_hidden_layers": layers}
+    return MergePlan(cfg, spec, flags, reference, tensors, jobs, chunk_bytes, seed, files,
+                     sorted({m.digest for m in opened.values() if m.digest}), updates, vocab)
 
 
 def _spec(cfg: MergeConfig) -> MergeSpec:
@@ -137,6 +213,18 @@ def _spec(cfg: MergeConfig) -> MergeSpec:
 
 def _check_params(cfg: MergeConfig, spec: MergeSpec) -> Flags:
     allowed = set(PER_MODEL[spec.sparsify])
+    for s in cfg.slices:
+        for key in s.parameters:
+            if key not in allowed:
+                raise ParameterError(f"{cfg.where('slices', s.index, 'parameters', key)}: unknown parameter '{key}' "
+                                     f"for {cfg.method} in a slice (per model: {', '.join(sorted(allowed))}; the "
+                                     f"global {', '.join(GLOBAL)} go in the top-level parameters)")
+        for j, src in enumerate(s.sources):
+            for key in src.parameters:
+                if key not in allowed:
+                    raise ParameterError(f"{cfg.where('slices', s.index, 'sources', j, 'parameters', key)}: unknown "
+                                         f"parameter '{key}' for {cfg.method} "
+                                         f"(per model: {', '.join(sorted(allowed))})")
     for i, entry in enumerate(cfg.models):
         for key in entry.parameters:
             if key not in allowed:
@@ -174,13 +262,22 @@ def _open_input(entry, cfg: MergeConfig, base: Checkpoint | None) -> Model:
     return open_model(entry.path, base)
 
 
-def _tensor(cfg: MergeConfig, name: str, base: Source, models: list[Model], strict: bool, layers: int) -> TensorMerge:
+def _tensor(cfg: MergeConfig, name: str, base: Source, models: list[Model], strict: bool, layers: int,
+            vocab=None) -> TensorMerge:
     """The reference tensor matched in every model (cropped to it), or a clear error."""
     parts, weights = [], []
+    found = []
     for entry, model in zip(cfg.models, models):
         source = model.tensors.get(name)
         if source is None:
             raise MismatchError(f"{tensor_context(model.path, name)}: missing from model '{entry.model}'")
+        found.append(source)
+    if vocab is not None and vocab.is_vocab(name, base):
+        with_base = cfg.base is not None
+        paths = ([cfg.base] if with_base else []) + [e.path for e in cfg.models]
+        permuted = vocab.permute(name, paths, ([base] if with_base else []) + found, cfg.base)
+        base, found = (permuted[0], permuted[1:]) if with_base else (permuted[0], permuted)
+    for entry, source in zip(cfg.models, found):
         parts.append(_crop(source, base, entry.model, strict))
         weight = _params(cfg, entry, name, layers).get("weight")
         if weight is None:
@@ -227,6 +324,15 @@ def _params(cfg: MergeConfig, entry, name: str, layers: int) -> dict:
     return {k: resolve(v, name, layers) for k, v in {**cfg.parameters, **entry.parameters}.items()}
 
 
+def _params_at(entry: ModelEntry, t: TensorMerge) -> dict:
+    """A slice source's parameters for one tensor: its own, then the slice's, then the global ones."""
+    from .streamed import _first
+
+    assert t.t is not None
+    keys = set(entry.parameters).union(*t.scopes)
+    return {k: _first((entry.parameters,) + t.scopes, k, t.name, t.t) for k in keys}
+
+
 def _sparsifier_jobs(cfg: MergeConfig, spec: MergeSpec, flags: Flags, tensors: list[TensorMerge], layers: int,
                      chunk_bytes: int) -> dict[tuple[str, str], SparsifierJob]:
     """One stats-pass job per (model, tensor) that a sparsifier edits, keyed (model, tensor); each
@@ -240,8 +346,8 @@ def _sparsifier_jobs(cfg: MergeConfig, spec: MergeSpec, flags: Flags, tensors: l
         # DELLA ranks within rows: a chunk holds whole rows (a 1-D tensor is one row)
         row = t.base.shape[-1] if len(t.base.shape) >= 2 else max(1, math.prod(t.base.shape))
         chunk = chunk_elements(t.base.shape, t.base.dtype.itemsize, max(chunk_bytes, row * 4))
-        for entry, part in zip(cfg.models, t.parts):
-            values = _params(cfg, entry, t.name, layers)
+        for entry, part in zip(t.entries or cfg.models, t.parts):
+            values = _params(cfg, entry, t.name, layers) if t.t is None else _params_at(entry, t)
             densities.setdefault(entry.model, set()).add(float(values.get("density", 1.0)))
             method = sparsifier(spec.sparsify, values, flags.rescale, scope)
             if method is not None:

@@ -30,9 +30,9 @@ from ..exact import NonFinite
 from ..methods.base import combine_partials
 from ..plan import chunk_elements, chunk_ranges
 from ..sources import Model, Source, checkpoint_model
-from .config import MergeConfig, ModelEntry, _setting, resolve
+from .config import MergeConfig, ModelEntry, _setting, layer_position, resolve_at
 from .methods.base import STREAMED, Chunk, Param, StreamedMethod, TensorJob
-from .outputs import write_side_files
+from .outputs import finish_outputs
 
 __all__ = ["StreamedPlan", "OutTensor", "StreamTask", "build_streamed", "execute_streamed"]
 
@@ -72,6 +72,8 @@ class StreamedPlan:
     seed: int
     inputs: list[str]
     artifacts: list[str]
+    config_updates: dict[str, Any] | None = None  # config.json keys the output sets (a frankenmerge's layers)
+    vocab: Any = None  # the tokenizer plan (merging.tokenizer.VocabPlan), None: the reference's files
 
     def tasks(self, location) -> tuple[list[StreamTask], list[Any]]:
         shared: list[Any] = list(self.jobs)
@@ -100,6 +102,9 @@ def build_streamed(cfg: MergeConfig, method: StreamedMethod, *, chunk_bytes: int
     from .plan import _check_dtypes, _crop, _open_base, _open_input, merge_footprint
 
     _check_keys(cfg, method)
+    if cfg.slices:
+        return _build_sliced(cfg, method, chunk_bytes=chunk_bytes, memory=memory, seed=seed, strict=strict,
+                             options=options)
     entries, has_base = _entries(cfg, method)
     problem = method.check_models(len(entries), has_base)
     if problem:
@@ -112,13 +117,20 @@ def build_streamed(cfg: MergeConfig, method: StreamedMethod, *, chunk_bytes: int
     out_dtype = cfg.out_dtype or cfg.dtype
     tensors: list[OutTensor] = []
     jobs: list[TensorJob] = []
+    vocab = _vocab_plan(cfg, reference, ([(cfg.base, reference)] if cfg.base is not None else [])
+                        + [(e.path, m) for e, m in zip(entries, models)], cfg.base or entries[0].path)
     for name, ref in reference.tensors.items():
         parts = []
         for entry, model in zip(entries, models):
             source = model.tensors.get(name)
             if source is None:
                 raise MismatchError(f"{tensor_context(model.path, name)}: missing from model '{entry.model}'")
-            parts.append(_crop(source, ref, entry.model, strict))
+            parts.append(source)
+        if vocab is not None and vocab.is_vocab(name, ref):
+            paths = ([cfg.base] if has_base else []) + [e.path for e in entries]
+            permuted = vocab.permute(name, paths, ([ref] if has_base else []) + parts, cfg.base)
+            ref, parts = (permuted[0], permuted[1:]) if has_base else (permuted[0], permuted)
+        parts = [_crop(p, ref, e.model, strict) for p, e in zip(parts, entries)]
         _check_dtypes(ref, parts)
         if not ref.dtype.computable:
             tensors.append(OutTensor(name, ref.shape, ref.dtype.name, None, ref))
@@ -131,7 +143,80 @@ def build_streamed(cfg: MergeConfig, method: StreamedMethod, *, chunk_bytes: int
         jobs.append(job)
     inputs = [cfg.path] + (base.files if base else []) + [p for m in models for p in m.files]
     return StreamedPlan(cfg, method, reference, tensors, jobs, chunk_bytes, seed, inputs,
-                        [m.digest for m in models if m.digest])
+                        [m.digest for m in models if m.digest], vocab.config_updates() if vocab else None, vocab)
+
+
+def _vocab_plan(cfg: MergeConfig, reference: Model, models: list[tuple[str, Model]], base: str):
+    """The tokenizer plan of a ``tokenizer``/``tokenizer_source``/``chat_template`` config, or None."""
+    if cfg.tokenizer is None and cfg.chat_template is None:
+        return None
+    from .tokenizer import build_vocab_plan
+
+    return build_vocab_plan(cfg, reference, dict(models), base)
+
+
+def _build_sliced(cfg: MergeConfig, method: StreamedMethod, *, chunk_bytes: int, memory: int, seed: int,
+                  strict: bool, options: RunOptions) -> StreamedPlan:
+    """A ``slices`` config (merging.slices): each output tensor from its slice's sources."""
+    from ..api import effective_chunk_bytes
+    from .plan import _check_dtypes, _crop, _open_base, _open_input, merge_footprint
+    from .slices import slice_tensors
+
+    member = method.base_model == "member"
+    for s in cfg.slices:
+        base_path = None if member else (s.base or cfg.base)
+        has_base = base_path is not None and any(src.path == base_path for src in s.sources)
+        if not member and base_path is not None and not has_base:
+            raise ParameterError(f"{cfg.where('slices', s.index, 'sources')}: the base_model is not among this "
+                                 f"slice's sources: merge_method '{method.name}' reads its layers from them")
+        if not member and base_path is None and method.base_model == "required":
+            raise ParameterError(f"{cfg.where()}: merge_method '{method.name}' needs a base_model")
+        problem = method.check_models(len(s.sources) - has_base, has_base)
+        if problem:
+            raise ParameterError(f"{cfg.where('slices', s.index, 'sources')}: {problem}")
+    base = _open_base(cfg)
+    opened = {m.path: _open_input(m, cfg, base) for m in cfg.models}
+    reference = checkpoint_model(base) if base is not None else opened[cfg.slices[0].sources[0].path]
+    found, layers = slice_tensors(cfg, opened)
+    widest = max(len(s.sources) for s in cfg.slices)
+    chunk_bytes = effective_chunk_bytes(chunk_bytes, memory, options, per_byte=merge_footprint(widest))
+    vocab = _vocab_plan(cfg, reference, ([(cfg.base, reference)] if cfg.base is not None else [])
+                        + list(opened.items()), cfg.base or cfg.slices[0].sources[0].path)
+    out_dtype = cfg.out_dtype or cfg.dtype
+    tensors: list[OutTensor] = []
+    jobs: list[TensorJob] = []
+    for st in found:
+        base_path = None if member else (st.slice.base or cfg.base)
+        base_src = next((src for e, src in st.inputs if e.path == base_path), None)
+        entries = [e for e, _ in st.inputs if e.path != base_path or base_src is None]
+        parts = [src for e, src in st.inputs if e.path != base_path or base_src is None]
+        ref = base_src if base_src is not None else parts[0]
+        if vocab is not None and vocab.is_vocab(st.name, ref):
+            permuted = vocab.permute(st.name, [e.path for e, _ in st.inputs], [src for _, src in st.inputs],
+                                     base_path)
+            by_path = {e.path: p for (e, _), p in zip(st.inputs, permuted)}
+            base_src = by_path[base_path] if base_src is not None and base_path is not None else None
+            parts = [by_path[e.path] for e in entries]
+            ref = base_src if base_src is not None else parts[0]
+        parts = [_crop(p, ref, e.model, strict) for p, e in zip(parts, entries)]
+        _check_dtypes(ref, parts)
+        if not ref.dtype.computable:
+            tensors.append(OutTensor(st.name, ref.shape, ref.dtype.name, None, ref))
+            continue
+        job = _job(cfg, method, st.name, base_src, parts, entries, 0, chunk_bytes, t=st.t, scopes=st.scopes)
+        problem = method.check_tensor(job)
+        if problem:
+            raise ParameterError(f"{st.where(cfg)}: {method.name}: tensor '{st.name}': {problem}")
+        tensors.append(OutTensor(st.name, ref.shape, out_dtype or ref.dtype.name, len(jobs), ref))
+        jobs.append(job)
+    files = [cfg.path] + (base.files if base else []) + sorted({p for m in opened.values() for p in m.files})
+    updates = {**(vocab.config_updates() if vocab else {}), LAYERS_KEY: layers}
+    return StreamedPlan(cfg, method, reference, tensors, jobs, chunk_bytes, seed, files,
+                        sorted({m.digest for m in opened.values() if m.digest}), updates, vocab)
+
+
+#: the config.json key of the layer count a frankenmerge rewrites (others: see outputs.LAYER_KEYS)
+LAYERS_KEY = "num_hidden_layers"
 
 
 def _entries(cfg: MergeConfig, method: StreamedMethod) -> tuple[list[ModelEntry], bool]:
@@ -156,12 +241,25 @@ def _check_keys(cfg: MergeConfig, method: StreamedMethod) -> None:
         if key not in method.params:
             raise ParameterError(f"{cfg.where('parameters', key)}: unknown parameter '{key}' for {method.name} {valid}")
         _check_value(cfg, key, method.params[key], value, ("parameters", key))
-    for i, entry in enumerate(cfg.models):
+    for i, entry in enumerate(cfg.models if not cfg.slices else ()):
         for key, value in entry.parameters.items():
             if key not in per_model:
                 raise ParameterError(f"{cfg.where('models', i, 'parameters', key)}: unknown parameter '{key}' for "
                                      f"{method.name} per model {valid}")
             _check_value(cfg, key, method.params[key], value, ("models", i, "parameters", key))
+    for s in cfg.slices:
+        for key, value in s.parameters.items():
+            if key not in method.params:
+                raise ParameterError(f"{cfg.where('slices', s.index, 'parameters', key)}: unknown parameter '{key}' "
+                                     f"for {method.name} {valid}")
+            _check_value(cfg, key, method.params[key], value, ("slices", s.index, "parameters", key))
+        for j, src in enumerate(s.sources):
+            at = ("slices", s.index, "sources", j, "parameters")
+            for key, value in src.parameters.items():
+                if key not in per_model:
+                    raise ParameterError(f"{cfg.where(*at, key)}: unknown parameter '{key}' for {method.name} "
+                                         f"per model {valid}")
+                _check_value(cfg, key, method.params[key], value, at + (key,))
 
 
 def _check_value(cfg: MergeConfig, key: str, param: Param, value: Any, at: tuple) -> None:
@@ -176,13 +274,26 @@ def _check_value(cfg: MergeConfig, key: str, param: Param, value: Any, at: tuple
         _setting(key, value, (param.low, param.high, param.low_open), lambda *k: cfg.where(*k), at)
 
 
+def _first(scopes, key: str, name: str, t: float) -> Any:
+    """mergekit's ``resolve_parameter``: the first scope whose setting gives a value."""
+    for scope in scopes:
+        if scope and key in scope:
+            value = resolve_at(scope[key], name, t)
+            if value is not None:
+                return value
+    return None
+
+
 def _job(cfg: MergeConfig, method: StreamedMethod, name: str, base: Source | None, parts: list[Source],
-         entries: list[ModelEntry], layers: int, chunk_bytes: int) -> TensorJob:
+         entries: list[ModelEntry], layers: int, chunk_bytes: int, t: float | None = None,
+         scopes: tuple[dict, ...] | None = None) -> TensorJob:
+    scopes = (cfg.parameters,) if scopes is None else scopes
+    t = layer_position(name, layers) if t is None else t
     values: dict[str, Any] = {}
     for key, param in method.params.items():
         if param.per_model:
             continue
-        value = resolve(cfg.parameters.get(key), name, layers)
+        value = _first(scopes, key, name, t)
         if value is None and param.required:
             raise ParameterError(f"{cfg.where('parameters')}: missing parameter '{key}' for {method.name} "
                                  f"(tensor '{name}')")
@@ -193,9 +304,7 @@ def _job(cfg: MergeConfig, method: StreamedMethod, name: str, base: Source | Non
         for key, param in method.params.items():
             if not param.per_model:
                 continue
-            value = resolve(entry.parameters.get(key), name, layers)
-            if value is None:
-                value = resolve(cfg.parameters.get(key), name, layers)
+            value = _first((entry.parameters,) + scopes, key, name, t)
             if value is None and param.required:
                 raise ParameterError(f"file '{cfg.path}' line {entry.line}: missing parameter '{key}' for model "
                                      f"'{entry.model}' (tensor '{name}')")
@@ -277,7 +386,7 @@ def execute_streamed(plan: StreamedPlan, folder: str, max_shard_size: int, resum
     tasks, shared = plan.tasks(writer.location)
     run_tasks(write_chunk, tasks, name="merge", options=options, total_bytes=sum(t.nbytes for t in tasks),
               bytes_of=lambda t: t.nbytes, shared=shared, uses=lambda t: (t.job,))
-    write_side_files(folder, plan.reference.side_files, plan.cfg.out_dtype or plan.cfg.dtype)
+    finish_outputs(folder, plan.reference.side_files, plan.cfg, plan.config_updates, plan.vocab)
 
 
 def describe(method: StreamedMethod) -> str:

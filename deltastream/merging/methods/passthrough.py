@@ -1,8 +1,8 @@
-"""passthrough: one model's tensors, optionally scaled (mergekit's ``passthrough``, without slices).
+"""passthrough: one model's tensors, optionally scaled (mergekit's ``passthrough``).
 
 mergekit (merge_methods/passthrough.py) takes exactly one tensor per output tensor and multiplies
-it by the model's ``scale`` if one is set. Here that is one model for every tensor (the base, if
-given, must be that model): frankenmerges with ``slices`` are another feature.
+it by the model's ``scale`` if one is set. With ``models:`` that is one model for every tensor (the
+base, if given, must be that model); frankenmerges take one source per slice (``merging.slices``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class Passthrough(StreamedMethod):
 
     def check_models(self, n, has_base):
         return None if n == 1 else (f"passthrough takes exactly one model (the base_model counts as one), not {n}; "
-                                    "slices are not supported")
+                                    "for layers of several models use slices, one source each")
 
     def combine(self, job, chunk):
         scale = job.model_values[0].get("scale")
