@@ -6,7 +6,8 @@ worker count, never by the model's size.
 """
 
 from ._version import __version__
-from .api import analyze, apply, compress, edit, info, merge, verify
+from .api import analyze, apply, compress, edit, extract_lora, info, merge, verify
 from .errors import DeltastreamError
 
-__all__ = ["DeltastreamError", "__version__", "analyze", "apply", "compress", "edit", "info", "merge", "verify"]
+__all__ = ["DeltastreamError", "__version__", "analyze", "apply", "compress", "edit", "extract_lora", "info", "merge",
+           "verify"]

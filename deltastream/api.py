@@ -22,7 +22,7 @@ from .plan import DEFAULT_CHUNK_BYTES
 from .policy import Policy
 from .units import parse_size
 
-__all__ = ["compress", "apply", "edit", "merge", "verify", "info", "analyze", "DEFAULT_MEMORY_BYTES"]
+__all__ = ["compress", "apply", "edit", "merge", "verify", "info", "analyze", "extract_lora", "DEFAULT_MEMORY_BYTES"]
 
 #: the memory budget for chunks in flight; the chunk size shrinks to fit it
 DEFAULT_MEMORY_BYTES = 1 << 30
@@ -178,3 +178,26 @@ def analyze(base: str, fine_tune: str, data: str, method: str | Method | None = 
                   dtype=dtype, device=device, progress=progress, work_dir=work_dir, recompute=recompute) as analyzer:
         return analyzer.run(method, params, seed=parse_seed(seed), edited=edited, include=include,
                             exclude=exclude).as_dict()
+
+
+def extract_lora(base: str, fine_tune: str, out: str, *, rank: int | None = None, rank_fraction: float | None = None,
+                 energy: float | None = None, modules_to_save: bool = False, base_name: str | None = None,
+                 dtype: str = "float32", oversample: int = 8, power_iters: int = 2,
+                 chunk_size: int | str | None = None, memory: int | str | None = None, seed: int = 0,
+                 overwrite: bool = False, workers: int | None = None, scheduler: str | None = None,
+                 progress: bool | None = False, client: Any = None) -> dict[str, Any]:
+    """Write fine_tune's delta against base as a PEFT LoRA adapter folder ``out`` (streamed
+    randomized SVD, docs/lora.md): at ``rank``, ``rank_fraction`` of each matrix's smaller side,
+    or the smallest rank keeping ``energy`` of its delta energy (bounded by the other two);
+    ``modules_to_save`` also stores the tensors LoRA cannot express. Returns the report: per
+    tensor and in total, the fraction of the delta's energy kept."""
+    from .lora.extract import ExtractRank
+    from .lora.extract import extract_lora as extract_job
+    from .methods.lowrank import LowRank
+
+    options = run_options(workers, scheduler, progress, client)
+    choice = ExtractRank(rank, rank_fraction, energy)
+    return extract_job(base, fine_tune, out, choice, modules_to_save=modules_to_save, base_name=base_name,
+                       dtype=dtype, oversample=oversample, power_iters=power_iters,
+                       chunk_bytes=effective_chunk_bytes(chunk_size, memory, options, LowRank()),
+                       seed=parse_seed(seed), overwrite=overwrite, options=options)

@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analyze(sub)
 
+    from .lora.command import add_parser as add_extract_lora
+
+    add_extract_lora(sub)
+
     from .serve.command import add_parser as add_serve
 
     add_serve(sub)
@@ -268,6 +272,10 @@ def _command(args: argparse.Namespace) -> int:
         from .analysis.command import run as run_analyze
 
         return run_analyze(args)
+    elif args.command == "extract-lora":
+        from .lora.command import run as run_extract_lora
+
+        return run_extract_lora(args)
     elif args.command == "serve":
         from .serve.command import run as run_serve
 

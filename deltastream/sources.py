@@ -34,13 +34,15 @@ from .checkpoint import Checkpoint, TensorInfo, head_crc32c, open_checkpoint, re
 from .checksum import crc32c
 from .dtypes import DType
 from .errors import CorruptChunkError, MismatchError, WrongBaseError, escape, tensor_context
+from .lora.adapter import LoraTensor, is_adapter, open_adapter
 from .methods import Method, StoredArray
 from .methods.base import ChunkContext
 from .plan import chunk_ranges
 from .scratch import scratch
 
 __all__ = ["Readable", "Source", "CheckpointSource", "PaddedBase", "read_pair_base", "ArtifactSource", "Model",
-           "open_model", "checkpoint_model", "is_artifact", "check_base", "artifact_sources"]
+           "open_model", "open_fine_tune", "checkpoint_model", "is_artifact", "is_adapter", "check_base",
+           "artifact_sources", "read_tensor"]
 
 
 class Readable(Protocol):
@@ -90,11 +92,19 @@ class CheckpointSource:
         return self.info.shape
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        return read_bits(self.info, start, stop)
+        return read_tensor(self.info, start, stop)
 
     def cropped(self, shape: tuple[int, ...]) -> CheckpointSource:
         """The leading rows only (a vocabulary cropped to the base's): a prefix of the elements."""
         return CheckpointSource(replace(self.info, shape=shape, nbytes=math.prod(shape) * self.info.dtype.itemsize))
+
+
+def read_tensor(info: TensorInfo, start: int, stop: int) -> np.ndarray:
+    """Elements [start, stop) of a checkpoint's tensor: a file's range (``read_bits``), or a LoRA
+    adapter's weight computed over its base (:class:`deltastream.lora.adapter.LoraTensor`)."""
+    if isinstance(info, LoraTensor):
+        return info.read(start, stop)
+    return read_bits(info, start, stop)
 
 
 def read_pair_base(base: TensorInfo | None, base_numel: int, start: int, stop: int, dtype: DType) -> np.ndarray:
@@ -248,8 +258,19 @@ def checkpoint_model(ckpt: Checkpoint) -> Model:
                  ckpt.side_files)
 
 
+def open_fine_tune(path: str, base: Checkpoint) -> Checkpoint:
+    """A fine-tune as compress and edit read it: a checkpoint, or a PEFT LoRA adapter folder
+    over ``base`` (its weights computed chunk by chunk: deltastream.lora.adapter)."""
+    return open_adapter(path, base) if is_adapter(path) else open_checkpoint(path)
+
+
 def open_model(path: str, base: Checkpoint | None = None) -> Model:
-    """A checkpoint, or an artifact over ``base`` (checked to be the artifact's base)."""
+    """A checkpoint, a PEFT LoRA adapter over ``base``, or an artifact over ``base`` (checked to
+    be the artifact's base)."""
+    if is_adapter(path):
+        if base is None:
+            raise MismatchError(f"{tensor_context(path)}: a LoRA adapter is read over its base: give the base")
+        return checkpoint_model(open_adapter(path, base))
     if not is_artifact(path):
         return checkpoint_model(open_checkpoint(path))
     if base is None:

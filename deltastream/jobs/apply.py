@@ -19,7 +19,7 @@ from ..artifact.manifest import Manifest, load_manifest
 from ..checkpoint import CheckpointWriter, OutputTensor, open_checkpoint
 from ..checkpoint.writer import write_at
 from ..engine import RunOptions, job_output, run_tasks
-from ..sources import ArtifactSource, artifact_sources, check_base
+from ..sources import ArtifactSource, artifact_sources, check_base, is_adapter
 
 __all__ = ["apply", "verify", "RebuildTask", "rebuild_chunk", "check_chunk", "check_base", "provenance",
            "DEFAULT_MAX_SHARD"]
@@ -90,7 +90,14 @@ def apply(base: str, artifact: str, out: str, *, max_shard_size: int = DEFAULT_M
           overwrite: bool = False, resume: bool = False, options: RunOptions = RunOptions(),
           device: str = "cpu") -> str:
     """Rebuild the fine-tune into the checkpoint folder ``out``; return its path. ``device`` "cuda"
-    decodes the chunks of dare and 1-bit bitdelta tensors on the GPU (the same bits)."""
+    decodes the chunks of dare and 1-bit bitdelta tensors on the GPU (the same bits). A PEFT LoRA
+    adapter folder in place of the artifact is merged into the base (deltastream.lora.adapter)."""
+    if is_adapter(artifact):
+        from ..methods.lossless import Lossless
+        from .edit import edit
+
+        return edit(base, artifact, out, Lossless(), max_shard_size=max_shard_size, overwrite=overwrite,
+                    resume=resume, options=options)[0]
     manifest = load_manifest(os.path.abspath(artifact))
     base_ckpt = open_checkpoint(base)
     check_base(manifest, base_ckpt)

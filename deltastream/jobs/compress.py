@@ -23,7 +23,7 @@ from ..artifact.store import (
     write_side_files,
     write_state_arrays,
 )
-from ..checkpoint import TensorInfo, head_crc32c, open_checkpoint, read_bits
+from ..checkpoint import TensorInfo, head_crc32c, open_checkpoint
 from ..checksum import crc32c
 from ..engine import RunOptions, job_output, run_reduce
 from ..errors import ParameterError
@@ -32,6 +32,7 @@ from ..methods import METHODS, Method, StoredArray
 from ..methods.base import ChunkContext, combine_partials, non_finite_error
 from ..plan import DEFAULT_CHUNK_BYTES, pair_tensors
 from ..policy import Policy
+from ..sources import open_fine_tune, read_tensor
 from .tensors import TensorJob, batches, prepare_jobs, read_pair_base, run_stats_passes, with_state
 
 __all__ = ["compress", "compress_many", "CompressTask", "compress_chunk"]
@@ -75,7 +76,7 @@ def compress_chunk(task: CompressTask, *states: dict) -> dict:
     results = {}
     for i, (t, state) in enumerate(zip(task.targets, states)):
         ctx = with_state(t.ctx, state)
-        ft = read_bits(t.ft, ctx.start, ctx.stop)
+        ft = read_tensor(t.ft, ctx.start, ctx.stop)
         result: dict[str, object] = {**shared, "ft_crc_list": [crc32c(ft)]}
         try:
             encoded, result["post"] = t.method.encode_with_stats(base, ft, ctx)
@@ -108,7 +109,8 @@ def compress(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes
     """Write the artifact of fine_tune's delta against base to ``out``; return its path.
     ``resume`` continues a killed run of the same job from its finished chunks."""
     _check_job(method, chunk_bytes)
-    base_ckpt, ft_ckpt = open_checkpoint(base), open_checkpoint(fine_tune)
+    base_ckpt = open_checkpoint(base)
+    ft_ckpt = open_fine_tune(fine_tune, base_ckpt)
     jobs = prepare_jobs(pair_tensors(base_ckpt, ft_ckpt, chunk_bytes), method, policy, ft_ckpt)
     plan = {"compress": method.get_config(), "seed": seed, "chunk": chunk_bytes, "policy": repr(policy)}
     with job_output(out, overwrite=overwrite, inputs=[*base_ckpt.files, *ft_ckpt.files], resume=resume, plan=plan,
@@ -135,7 +137,7 @@ def compress_many(base: str, fine_tunes: list[str], out_dir: str, method: Method
     once for all of them (the cluster batch job); return their paths."""
     _check_job(method, chunk_bytes)
     base_ckpt = open_checkpoint(base)
-    fts = [open_checkpoint(f) for f in fine_tunes]
+    fts = [open_fine_tune(f, base_ckpt) for f in fine_tunes]
     names = _artifact_names(fts)
     plans = [pair_tensors(base_ckpt, ft, chunk_bytes) for ft in fts]
     job = {"compress": method.get_config(), "seed": seed, "chunk": chunk_bytes, "policy": repr(policy)}

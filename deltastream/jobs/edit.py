@@ -23,6 +23,7 @@ from ..methods import Method
 from ..methods.base import ChunkContext
 from ..plan import DEFAULT_CHUNK_BYTES, pair_tensors
 from ..policy import Policy
+from ..sources import open_fine_tune
 from .tensors import batches, prepare_jobs, read_pair, run_stats_passes, with_state
 
 __all__ = ["edit", "EditTask", "edit_chunk"]
@@ -55,7 +56,7 @@ def edit(base: str, fine_tune: str, out: str, method: Method, *, chunk_bytes: in
     (their policies and states, for reporting; array states are dropped after each batch unless
     ``keep_state``). ``device`` "cuda" computes each chunk's edit on the GPU (deltastream.device)."""
     base_ckpt = open_checkpoint(base)
-    ft_ckpt = open_checkpoint(fine_tune)
+    ft_ckpt = open_fine_tune(fine_tune, base_ckpt)
     jobs = prepare_jobs(pair_tensors(base_ckpt, ft_ckpt, chunk_bytes), method, policy, ft_ckpt)
     outputs = [OutputTensor(j.name, j.plan.ft.dtype.name, j.plan.ft.shape) for j in jobs]
     metadata = {**ft_ckpt.metadata, "deltastream_method": method.method_id,

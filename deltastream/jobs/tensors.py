@@ -19,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..checkpoint import Checkpoint, TensorInfo, load_side_file, read_bits
+from ..checkpoint import Checkpoint, TensorInfo, load_side_file
 from ..engine import RunOptions, run_reduce
 from ..exact import NonFinite
 from ..methods import Method
@@ -27,7 +27,7 @@ from ..methods.base import ChunkContext, combine_partials, float_delta, non_fini
 from ..methods.lossless import Lossless
 from ..plan import Chunk, TensorPlan
 from ..policy import Policy
-from ..sources import CheckpointSource, PaddedBase, Readable, read_pair_base
+from ..sources import CheckpointSource, PaddedBase, Readable, read_pair_base, read_tensor
 
 __all__ = ["StatsJob", "StatsTask", "TensorJob", "batches", "prepare_jobs", "read_pair", "read_pair_base",
            "run_stats_passes", "stats_chunk", "tied_aliases", "with_state"]
@@ -107,7 +107,7 @@ def prepare_jobs(plans: list[TensorPlan], method: Method, policy: Policy, ft: Ch
 def read_pair(ft: TensorInfo, base: TensorInfo | None, base_numel: int, start: int,
               stop: int) -> tuple[np.ndarray, np.ndarray]:
     """(base bits, fine-tune bits) of elements [start, stop); base elements it lacks read as 0."""
-    return read_pair_base(base, base_numel, start, stop, ft.dtype), read_bits(ft, start, stop)
+    return read_pair_base(base, base_numel, start, stop, ft.dtype), read_tensor(ft, start, stop)
 
 
 class StatsJob(Protocol):

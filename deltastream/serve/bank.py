@@ -234,7 +234,9 @@ class VariantBank:
             raise ParameterError(f"a variant name must be 1 to 200 printable characters, not {show(name)}")
         path = os.path.abspath(os.fspath(artifact))
         if not is_artifact(path):
-            raise ArtifactError(f"{tensor_context(path)}: not a deltastream artifact")
+            hint = (" (a PEFT adapter: store it as an artifact first, deltastream compress BASE ADAPTER -o A.dsz)"
+                    if os.path.isfile(os.path.join(path, "adapter_config.json")) else "")
+            raise ArtifactError(f"{tensor_context(path)}: not a deltastream artifact{hint}")
         with self._lock:
             if name in self._variants:
                 raise ParameterError(f"variant {show(name)} is already in the bank (remove it first)")
