@@ -213,23 +213,21 @@ def _spec(cfg: MergeConfig) -> MergeSpec:
 
 def _check_params(cfg: MergeConfig, spec: MergeSpec) -> Flags:
     allowed = set(PER_MODEL[spec.sparsify])
+    per_model = f"per model: {', '.join(sorted(allowed))}"
+
+    def check(parameters, where: tuple, note: str = "", why: str = "") -> None:
+        for key in parameters:
+            if key not in allowed:
+                raise ParameterError(f"{cfg.where(*where, 'parameters', key)}: unknown parameter '{key}' for "
+                                     f"{cfg.method}{note} ({per_model}{why})")
+
+    slice_why = f"; the global {', '.join(GLOBAL)} go in the top-level parameters"
     for s in cfg.slices:
-        for key in s.parameters:
-            if key not in allowed:
-                raise ParameterError(f"{cfg.where('slices', s.index, 'parameters', key)}: unknown parameter '{key}' "
-                                     f"for {cfg.method} in a slice (per model: {', '.join(sorted(allowed))}; the "
-                                     f"global {', '.join(GLOBAL)} go in the top-level parameters)")
+        check(s.parameters, ("slices", s.index), " in a slice", slice_why)
         for j, src in enumerate(s.sources):
-            for key in src.parameters:
-                if key not in allowed:
-                    raise ParameterError(f"{cfg.where('slices', s.index, 'sources', j, 'parameters', key)}: unknown "
-                                         f"parameter '{key}' for {cfg.method} "
-                                         f"(per model: {', '.join(sorted(allowed))})")
+            check(src.parameters, ("slices", s.index, "sources", j))
     for i, entry in enumerate(cfg.models):
-        for key in entry.parameters:
-            if key not in allowed:
-                raise ParameterError(f"{cfg.where('models', i, 'parameters', key)}: unknown parameter '{key}' for "
-                                     f"{cfg.method} (per model: {', '.join(sorted(allowed))})")
+        check(entry.parameters, ("models", i))
     for key in cfg.parameters:
         if key not in allowed and key not in GLOBAL:
             raise ParameterError(f"{cfg.where('parameters', key)}: unknown parameter '{key}' for {cfg.method} "

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..causal_lm import load_causal_lm
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..dtypes import to_float32
 from ..errors import ArtifactError, DeltastreamError, MismatchError, ParameterError, escape, show, tensor_context
@@ -123,10 +124,6 @@ class _Variant:
         return sum(d.nbytes for d in self.deltas.values())
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-
-
 class VariantBank:
     """A base causal LM and named variants of it, served from their compressed deltas."""
 
@@ -139,7 +136,7 @@ class VariantBank:
 
         try:
             import transformers
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoTokenizer
         except ImportError:
             raise ParameterError("the variant bank needs transformers: pip install 'deltastream[serve]'") from None
         where = os.path.abspath(base_dir)
@@ -153,16 +150,7 @@ class VariantBank:
         else:
             raise ParameterError(f"dtype must be auto, float32, bfloat16 or float16, not {show(dtype)}")
         transformers.utils.logging.disable_progress_bar()
-        try:
-            loaded: Any = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, output_loading_info=True)
-            model, info = loaded
-        except Exception as exc:  # OSError (no config.json), ValueError (unknown model type)...
-            raise ParameterError(f"{tensor_context(where)}: transformers cannot load a causal LM from it: "
-                                 f"{_first_line(exc)}") from None
-        missing = sorted(info.get("missing_keys") or ())
-        if missing:
-            raise ParameterError(f"{tensor_context(where, missing[0])}: the checkpoint lacks {len(missing)} of the "
-                                 "model's weights, which transformers would initialise at random")
+        model = load_causal_lm(where, torch_dtype, ParameterError)
         try:
             tokenizer = AutoTokenizer.from_pretrained(where)
         except Exception:  # no tokenizer files: logits and generate on token ids still work
