@@ -18,7 +18,10 @@ then reports, as ratios:
 Two variants are rebuilt with ``apply``; the one-by-one reference cycles the rows over them (a
 row's time does not depend on its weights' values), and their greedy tokens are compared with
 the bank's. Random weights time the job exactly like a real model of the shape.
-``--part server`` (the server's section) is added by benchmarks' server half; ``--part all`` runs both.
+``--part server``: the HTTP server under concurrent clients (below); ``--part kernels``: the CPU
+sign product of one variant on each of the shape's matrices, the lookup-table kernel against block
+decode + BLAS, for 1 to 128 tokens (where ``layers.LUT_MAX_TOKENS`` comes from); ``--part all``
+runs bank and server.
 """
 
 from __future__ import annotations
@@ -167,7 +170,7 @@ def report(r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=("bank", "server", "all"), default="bank")
+    ap.add_argument("--part", choices=("bank", "server", "kernels", "all"), default="bank")
     ap.add_argument("--out", default=os.path.join(HERE, "..", "bench-data", "serve"))
     ap.add_argument("--variants", type=int, default=8)
     ap.add_argument("--layers", type=int, default=24)
@@ -186,11 +189,55 @@ def main() -> None:
         with open(stem + ".json", "w") as f:
             json.dump(r, f, indent=1)
     if args.part in ("server", "all"):
-        bench_server = globals().get("bench_server")
-        if bench_server is None:
-            sys.exit("bench_serve.py: the server section is not written yet")
         bench_server(args)
+    if args.part == "kernels":
+        text = kernels_report(bench_kernels())
+        print(text)
+        with open(os.path.join(args.results, "bench_serve_kernels.md"), "w") as f:
+            f.write(text)
 
+
+def bench_kernels(tokens=(1, 4, 16, 48, 128), repeat: int = 5) -> list[dict]:
+    """ms per product of one 1-bit variant, lookup table vs block decode + BLAS, per matrix shape."""
+    import numpy as np
+    import torch
+
+    from deltastream.serve import layers
+    from deltastream.serve.forms import SignDelta
+
+    h, i, kv = QWEN_05B["hidden_size"], QWEN_05B["intermediate_size"], 128
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, (r, c) in {"q/o_proj": (h, h), "k/v_proj": (kv, h), "gate/up_proj": (i, h), "down_proj": (h, i)}.items():
+        form = SignDelta((r, c), (rng.integers(0, 256, (r, c // 8), dtype=np.uint8),), rng.random((1, r), np.float32))
+        delta = layers.SignOnDevice(form, torch.device("cpu"))
+        for n in tokens:
+            x = torch.randn(n, c).bfloat16()
+            times = {}
+            for path, fn in (("lut", lambda x=x, d=delta: layers.linear_delta(x, [(None, d)])),
+                             ("block", lambda x=x, d=delta: layers.DeviceDelta.matmul(d, x))):
+                saved = layers.LUT_MAX_TOKENS
+                layers.LUT_MAX_TOKENS = 1 << 30
+                try:
+                    fn()
+                    times[path], _ = _timed(fn, repeat)
+                finally:
+                    layers.LUT_MAX_TOKENS = saved
+            rows.append({"matrix": f"{name} {r}x{c}", "tokens": n, "lut_ms": times["lut"] * 1e3,
+                         "block_ms": times["block"] * 1e3})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def kernels_report(rows: list[dict]) -> str:
+    import torch
+
+    lines = [f"# bench_serve --part kernels: one 1-bit variant's delta product, {torch.get_num_threads()} threads", "",
+             "| matrix | tokens | lookup table ms | block decode + BLAS ms | table / block |", "|---|---|---|---|---|"]
+    lines += [f"| {r['matrix']} | {r['tokens']} | {r['lut_ms']:.3f} | {r['block_ms']:.3f} | "
+              f"{r['lut_ms'] / r['block_ms']:.2f}x |" for r in rows]
+    note = "bf16 inputs; the bank takes the table up to layers.LUT_MAX_TOKENS tokens of a variant."
+    return "\n".join(lines + ["", note, ""])
 
 
 # --- the server: `deltastream serve` under concurrent clients ---------------------------------

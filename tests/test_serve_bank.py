@@ -28,8 +28,8 @@ from deltastream.methods.base import Method  # noqa: E402
 from deltastream.serve import UnknownVariantError, VariantBank  # noqa: E402
 from deltastream.serve.bank import _Chunks  # noqa: E402
 from deltastream.serve.forms import CodebookDelta, DenseDelta, SignDelta, SparseDelta  # noqa: E402
-from deltastream.serve.kernels import sign_gemv  # noqa: E402
-from deltastream.serve.layers import to_device  # noqa: E402
+from deltastream.serve.kernels import SIGNS, decode_signs, sign_products  # noqa: E402
+from deltastream.serve.layers import LUT_MAX_TOKENS, DenseOnDevice, SignOnDevice, linear_delta, to_device  # noqa: E402
 from deltastream.sources import open_model  # noqa: E402
 
 from common import make_pair  # noqa: E402
@@ -255,14 +255,65 @@ def test_serving_forms_equal_the_decoded_delta(tmp_path, method, params, form):
         torch.testing.assert_close(on_device.matmul(x), want, rtol=1e-5, atol=1e-6)
 
 
+def _random_signs(rng, variants, levels, rows, cols):
+    bits = [rng.random((levels, rows, cols)) < 0.5 for _ in range(variants)]
+    alphas = [rng.random((levels, rows)).astype(np.float32) for _ in range(variants)]
+    return bits, alphas
+
+
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 5), rows=st.integers(1, 40), cols=st.integers(1, 70), seed=st.integers(0, 2**31))
-def test_sign_gemv_equals_dense_reference(n, rows, cols, seed):
+@given(n=st.integers(1, 6), variants=st.integers(1, 3), levels=st.integers(1, 2), rows=st.integers(1, 40),
+       cols=st.integers(1, 70), seed=st.integers(0, 2**31))
+def test_sign_products_equal_dense_reference(n, variants, levels, rows, cols, seed):
+    """Each token against its own variant's planes, any rows range: the dense product, float64."""
+    from numba.typed import List
+
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, cols)).astype(np.float32)
-    bits = rng.random((rows, cols)) < 0.5
-    want = x.astype(np.float64) @ np.where(bits, 1.0, -1.0).T
-    got = sign_gemv(x, np.packbits(bits, axis=1))
-    assert got.shape == (n, rows) and got.dtype == np.float32
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * (1 + np.abs(x).sum(axis=1).max()))
+    bits, alphas = _random_signs(rng, variants, levels, rows, cols)
+    tokens = rng.permutation(n)[:max(1, n - 1)].astype(np.int64)  # one token may be served by none
+    which = rng.integers(0, variants, tokens.size).astype(np.int64)
+    lo = int(rng.integers(0, rows))
+    out = np.full((n, rows), 7.0, np.float32)
+    sign_products(x, tokens, which, List([np.packbits(b, axis=2) for b in bits]), List(alphas), out, lo, rows,
+                  np.empty(((cols + 7) // 8, 256), np.float32))
+    for t, v in zip(tokens, which):
+        dense = sum(np.where(bits[v][j], 1.0, -1.0) * alphas[v][j][:, None].astype(np.float64) for j in range(levels))
+        want = x[t].astype(np.float64) @ dense.T
+        np.testing.assert_allclose(out[t, lo:], want[lo:], rtol=0, atol=1e-5 * (1 + np.abs(x[t]).sum() * levels))
+        assert (out[t, :lo] == 7.0).all()  # rows outside [lo, rows) untouched
+    for t in set(range(n)) - set(tokens.tolist()):
+        assert (out[t] == 7.0).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(levels=st.integers(1, 3), rows=st.integers(1, 20), cols=st.integers(1, 40), seed=st.integers(0, 2**31))
+def test_decode_signs_equals_form_dense(levels, rows, cols, seed):
+    rng = np.random.default_rng(seed)
+    bits, alphas = _random_signs(rng, 1, levels, rows, cols)
+    planes = np.packbits(bits[0], axis=2)
+    form = SignDelta((rows, cols), tuple(planes), alphas[0])
+    out = np.empty((rows, cols), np.float32)
+    decode_signs(planes, alphas[0], SIGNS, out)
+    assert np.array_equal(out, form.dense())  # the same sums, in the same order: the same bits
+
+
+def test_linear_delta_mixes_sign_and_other_forms():
+    """One call: two sign variants through the lookup table (one on the block path, too many tokens),
+    a dense one, and tokens of the base (zeros)."""
+    rng = np.random.default_rng(3)
+    rows, cols, m = 12, 21, 60
+    bits, alphas = _random_signs(rng, 2, 1, rows, cols)
+    signs = [SignOnDevice(SignDelta((rows, cols), (np.packbits(b[0], axis=1),), a), torch.device("cpu"))
+             for b, a in zip(bits, alphas)]
+    dense = DenseOnDevice(torch.from_numpy(rng.standard_normal((rows, cols)).astype(np.float32)))
+    x = torch.from_numpy(rng.standard_normal((m, cols)).astype(np.float32))
+    order = torch.from_numpy(rng.permutation(m))
+    served = [order[:3], order[3:3 + LUT_MAX_TOKENS + 1], order[52:57]]  # the second: past the LUT's tokens
+    got = linear_delta(x, list(zip(served, [signs[0], signs[1], dense])))
+    want = torch.zeros(m, rows, dtype=torch.float64)
+    for tokens, d in zip(served, [signs[0], signs[1], dense]):
+        want[tokens] = x[tokens].double() @ d.dense().double().T
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
+    assert (got[order[57:]] == 0).all()
 

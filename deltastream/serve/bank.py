@@ -45,7 +45,7 @@ from ..dtypes import to_float32
 from ..errors import ArtifactError, DeltastreamError, MismatchError, ParameterError, escape, show, tensor_context
 from ..methods.base import ChunkContext
 from ..sources import ArtifactSource, is_artifact, open_model, read_pair_base
-from .layers import DeviceDelta, is_zero, to_device
+from .layers import DeviceDelta, SignLists, SignOnDevice, is_zero, linear_delta, to_device
 
 __all__ = ["VariantBank", "UnknownVariantError"]
 
@@ -92,6 +92,16 @@ class _Route:
         self.variants = list(variants)
         self.device = device
         self._groups: dict[int, list[tuple[str, torch.Tensor | None]]] = {}
+        self._lists: dict[tuple[int, ...], SignLists] = {}
+
+    def sign_lists(self, deltas: Sequence[SignOnDevice]) -> SignLists:
+        """The kernel's typed lists of these deltas, built once for the whole call (every step of
+        a generate runs the same variants through each layer)."""
+        key = tuple(id(d) for d in deltas)
+        got = self._lists.get(key)
+        if got is None:
+            got = self._lists[key] = SignLists(deltas)
+        return got
 
     def groups(self, batch: int) -> list[tuple[str, torch.Tensor | None]]:
         """(variant, its rows; None: every row) for a batch of ``batch`` rows: the route's rows,
@@ -217,20 +227,22 @@ class VariantBank:
     # --- adding and removing ------------------------------------------------------------------
     def add(self, name: str, artifact: str) -> None:
         """Load the artifact ``artifact`` as variant ``name``, tensor by tensor, in its compact
-        form on the model's device; a wrong base is refused (WrongBaseError) before anything loads."""
+        form on the model's device; a wrong base is refused (WrongBaseError) before anything loads.
+        ``artifact`` may also be a PEFT LoRA adapter folder: its factors are kept (serve/lowrank.py)."""
         if not isinstance(name, str) or not name or len(name) > 200 or escape(name) != name:
             raise ParameterError(f"a variant name must be 1 to 200 printable characters, not {show(name)}")
+        from ..sources import is_adapter
+
         path = os.path.abspath(os.fspath(artifact))
-        if not is_artifact(path):
-            hint = (" (a PEFT adapter: store it as an artifact first, deltastream compress BASE ADAPTER -o A.dsz)"
-                    if os.path.isfile(os.path.join(path, "adapter_config.json")) else "")
-            raise ArtifactError(f"{tensor_context(path)}: not a deltastream artifact{hint}")
+        adapter = is_adapter(path)
+        if not adapter and not is_artifact(path):
+            raise ArtifactError(f"{tensor_context(path)}: not a deltastream artifact nor a PEFT LoRA adapter folder")
         with self._lock:
             if name in self._variants:
                 raise ParameterError(f"variant {show(name)} is already in the bank (remove it first)")
             if self._using is not None:
                 raise ParameterError(f"cannot add a variant inside use({show(self._using)})")
-            deltas = self._load(path)
+            deltas = self._load_adapter(path) if adapter else self._load(path)
             self._variants[name] = _Variant(name, path, deltas)
             for pname in deltas:
                 for module, _ in self._owners[pname]:
@@ -244,6 +256,12 @@ class VariantBank:
                                      "VariantBank(model, base_dir=...)")
             self._checkpoint = open_checkpoint(self.base_dir)
         return self._checkpoint
+
+    def _load_adapter(self, path: str) -> dict[str, DeviceDelta]:
+        """A PEFT LoRA adapter over the base checkpoint: low-rank factors, dense modules_to_save."""
+        from .lowrank import adapter_deltas
+
+        return adapter_deltas(path, self._base_checkpoint(), self._params, self._canonical)
 
     def _load(self, path: str) -> dict[str, DeviceDelta]:
         opened = open_model(path, self._base_checkpoint())  # checks the base (WrongBaseError, one line)
@@ -280,10 +298,32 @@ class VariantBank:
         if route is None or self._rerunning:  # a module rerun on its rows: its own output as it is
             return None
         x = args[0] if args else next(iter(kwargs.values()))
-        for name, rows in route.groups(x.shape[0]):
-            deltas = self._module_deltas(module, name)
-            if deltas:
-                output = self._add_variant(module, deltas, rows, args, kwargs, x, output)
+        groups = [(rows, deltas) for name, rows in route.groups(x.shape[0])
+                  if (deltas := self._module_deltas(module, name))]
+        if groups and isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward:
+            return self._add_linear(groups, x, output, route)
+        for rows, deltas in groups:
+            output = self._add_variant(module, deltas, rows, args, kwargs, x, output)
+        return output
+
+    def _add_linear(self, groups, x, output, route: _Route):
+        """A linear layer's output plus every variant's delta for its rows: one product per
+        layer for all the sign deltas (layers.linear_delta), then one add."""
+        flat = x.reshape(-1, x.shape[-1])
+        per_row = flat.shape[0] // x.shape[0]
+        served = [(None if rows is None else (rows[:, None] * per_row + torch.arange(per_row, device=x.device))
+                   .reshape(-1), deltas) for rows, deltas in groups]
+        parts = [(tokens, deltas["weight"]) for tokens, deltas in served if "weight" in deltas]
+        delta = (linear_delta(flat, parts, route.sign_lists) if parts
+                 else torch.zeros(flat.shape[0], output.shape[-1], dtype=torch.float32, device=x.device))
+        for tokens, deltas in served:
+            if "bias" in deltas:
+                bias = deltas["bias"].dense().reshape(-1)
+                if tokens is None:
+                    delta += bias
+                else:
+                    delta[tokens] += bias
+        output += delta.reshape(output.shape).to(output.dtype)
         return output
 
     def _module_deltas(self, module: torch.nn.Module, name: str) -> dict[str, DeviceDelta]:
@@ -292,14 +332,7 @@ class VariantBank:
 
     def _add_variant(self, module, deltas, rows, args, kwargs, x, output):
         xs = x if rows is None else x.index_select(0, rows)
-        if isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward:
-            flat = xs.reshape(-1, xs.shape[-1])
-            part = deltas["weight"].matmul(flat) if "weight" in deltas else None
-            if "bias" in deltas:
-                bias = deltas["bias"].dense().reshape(-1)
-                part = bias.expand(flat.shape[0], -1) if part is None else part + bias
-            part = part.reshape(*xs.shape[:-1], -1).to(output.dtype)
-        elif type(module) is torch.nn.Embedding and set(deltas) == {"weight"}:
+        if type(module) is torch.nn.Embedding and set(deltas) == {"weight"}:
             part = deltas["weight"].take(xs.reshape(-1)).reshape(*xs.shape, -1).to(output.dtype)
         else:  # any other module (norms): rerun on its rows with base + delta parameters
             params = {p: getattr(module, p) + d.dense().to(getattr(module, p).dtype) for p, d in deltas.items()}

@@ -9,13 +9,16 @@ Each serving form (:mod:`deltastream.serve.forms`) becomes a :class:`DeviceDelta
 
 Packed forms are decoded at most :data:`BLOCK_ELEMS` elements (a block of rows) at a time: a
 product never holds a dense float copy of a matrix. On the CPU, BitDelta's signs multiply through
-the lookup-table GEMV (serve/kernels.py) for a few tokens at a time (decoding), and a block-wise
-unpack + BLAS otherwise (a prompt's many tokens are compute-bound, where BLAS wins).
+the lookup-table kernel (serve/kernels.py) while a variant has at most :data:`LUT_MAX_TOKENS`
+tokens in the batch, and by blocks decoded in numba + BLAS above (many tokens are compute-bound,
+where BLAS wins). :func:`linear_delta` is a patched linear layer's whole delta for a mixed batch:
+every variant's sign product in one kernel call, the other forms one product each.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -24,13 +27,13 @@ import torch
 from .forms import CodebookDelta, DenseDelta, ServingForm, SignDelta, SparseDelta, rows_cols
 
 __all__ = ["DeviceDelta", "DenseOnDevice", "SparseOnDevice", "SignOnDevice", "CodebookOnDevice", "to_device",
-           "is_zero", "BLOCK_ELEMS", "LUT_MAX_TOKENS"]
+           "is_zero", "linear_delta", "BLOCK_ELEMS", "LUT_MAX_TOKENS"]
 
 #: elements of one decoded block of rows (16 MiB of float32)
 BLOCK_ELEMS = 1 << 22
-#: tokens up to which the CPU sign product runs the lookup-table kernel rather than unpack + BLAS
-#: (4864 x 896, here: 7 ms vs 19 ms at 16 tokens, 0.5 ms vs 27 ms at 1)
-LUT_MAX_TOKENS = 48
+#: tokens of one variant up to which the CPU sign product runs the lookup-table kernel rather than
+#: block decode + BLAS (benchmarks/bench_serve.py --part kernels measures both)
+LUT_MAX_TOKENS = 16
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -44,22 +47,39 @@ def _unpack(packed: torch.Tensor, cols: int) -> torch.Tensor:
 
 
 _POOL: list[ThreadPoolExecutor] = []
-#: rows below which a kernel runs on the calling thread alone
-SPLIT_ROWS = 2048
+#: elements of work (tokens x rows x column groups, or rows x columns) below which a kernel runs
+#: on the calling thread alone (a hand-off to the pool costs tens of microseconds)
+SPLIT_WORK = 1 << 18
 
 
-def _by_rows(rows: int, kernel) -> None:
-    """kernel(lo, hi) over [0, rows) in torch.get_num_threads() slices on threads (the numba
-    kernels release the GIL; numba's own parallel loops fought torch's OpenMP threads here)."""
-    threads = torch.get_num_threads()
-    if threads <= 1 or rows < SPLIT_ROWS:
-        kernel(0, rows)
+def _split(parts: int, work: int, kernel: Callable[[int, int], None]) -> None:
+    """kernel(lo, hi) over [0, parts) in torch.get_num_threads() slices, the last on the calling
+    thread, unless ``work`` is too small to share (the numba kernels release the GIL; numba's own
+    parallel loops fought torch's OpenMP threads here)."""
+    threads = min(torch.get_num_threads(), parts) if work >= SPLIT_WORK else 1
+    if threads <= 1:
+        kernel(0, parts)
         return
     if not _POOL:
-        _POOL.append(ThreadPoolExecutor(threads, thread_name_prefix="deltastream-bank"))
-    step = -(-rows // threads)
-    for f in [_POOL[0].submit(kernel, lo, min(rows, lo + step)) for lo in range(0, rows, step)]:
+        _POOL.append(ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="deltastream-bank"))
+    step = -(-parts // threads)
+    bounds = [(lo, min(parts, lo + step)) for lo in range(0, parts, step)]
+    futures = [_POOL[0].submit(kernel, lo, hi) for lo, hi in bounds[:-1]]
+    kernel(*bounds[-1])
+    for f in futures:
         f.result()
+
+
+_NUMPY_BITS = {torch.float32: np.float32, torch.bfloat16: np.uint16, torch.float16: np.uint16}
+
+
+def _empty_like(w: torch.Tensor) -> torch.Tensor:
+    """A new tensor like ``w``; on the CPU from numpy, whose large buffers are madvised onto huge
+    pages: a switch writes a model's worth of them, and first touches of 4 KiB pages cost 5x more."""
+    bits = _NUMPY_BITS.get(w.dtype)
+    if w.device.type != "cpu" or bits is None:
+        return torch.empty_like(w)
+    return torch.from_numpy(np.empty(tuple(w.shape), bits)).view(w.dtype)
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -108,7 +128,7 @@ class DeviceDelta:
     def add_to(self, weight: torch.Tensor) -> torch.Tensor:
         """A new tensor: round(f32(weight) + delta) in weight's dtype (weight is not changed)."""
         w = weight.reshape(self.rows, self.cols)
-        out = torch.empty_like(w)
+        out = _empty_like(w)
         for lo, hi in self._blocks():
             out[lo:hi] = (w[lo:hi].float() + self.block(lo, hi)).to(w.dtype)
         return out.reshape(weight.shape)
@@ -203,7 +223,18 @@ class SignOnDevice(DeviceDelta):
     def nbytes(self) -> int:
         return _nbytes(self.planes, self.alphas, self.mask)
 
+    @property
+    def cpu_kernels(self) -> bool:
+        """Whether the numba kernels run it (on the CPU, without a mask)."""
+        return self.device.type == "cpu" and self.mask is None
+
     def _decode(self, planes, alphas, mask):
+        if self.cpu_kernels:
+            from .kernels import SIGNS, decode_signs
+
+            out = torch.empty((planes.shape[1], self.cols), dtype=torch.float32)
+            decode_signs(planes.contiguous().numpy(), alphas.contiguous().numpy(), SIGNS, out.numpy())
+            return out
         out = torch.zeros((planes.shape[1], self.cols), dtype=torch.float32, device=self.device)
         for j in range(planes.shape[0]):  # as BitDelta's decode: 0 + (+-alpha) per level, then the mask
             a = alphas[j][:, None]
@@ -219,36 +250,25 @@ class SignOnDevice(DeviceDelta):
         return self._decode(self.planes[:, lo:hi], self.alphas[:, lo:hi],
                             None if self.mask is None else self.mask[lo:hi])
 
-    def _cpu_kernels(self) -> bool:
-        return self.device.type == "cpu" and self.mask is None
-
     def matmul(self, x):
-        if not (self._cpu_kernels() and x.shape[0] <= LUT_MAX_TOKENS):
-            return super().matmul(x)
-        from .kernels import sign_gemv
-
-        xn = x.float().contiguous().numpy()
-        out = torch.zeros((x.shape[0], self.rows), dtype=torch.float32)
-        part = np.empty((x.shape[0], self.rows), np.float32)
-        for j in range(self.planes.shape[0]):
-            planes = self.planes[j].numpy()
-            _by_rows(self.rows, lambda lo, hi, planes=planes: sign_gemv(xn, planes[lo:hi], part[:, lo:hi]))
-            out += torch.from_numpy(part) * self.alphas[j]
-        return out
+        if self.cpu_kernels and x.shape[0] <= LUT_MAX_TOKENS:
+            return linear_delta(x, [(None, self)])
+        return super().matmul(x)
 
     def add_to(self, weight):
-        if not (self._cpu_kernels() and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()):
+        if not (self.cpu_kernels and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()):
             return super().add_to(weight)
-        from .kernels import sign_add_bf16, sign_add_f32
+        from .kernels import SIGNS, sign_add_bf16, sign_add_f32
 
         w = weight.reshape(self.rows, self.cols)
-        out = torch.empty_like(w)
+        out = _empty_like(w)
         planes, alphas = self.planes.numpy(), self.alphas.numpy()
         if w.dtype == torch.float32:
             a, b, kernel = w.numpy(), out.numpy(), sign_add_f32
         else:
             a, b, kernel = w.view(torch.uint16).numpy(), out.view(torch.uint16).numpy(), sign_add_bf16
-        _by_rows(self.rows, lambda lo, hi: kernel(a[lo:hi], planes[:, lo:hi], alphas[:, lo:hi], b[lo:hi]))
+        _split(self.rows, self.rows * self.cols,
+               lambda lo, hi: kernel(a[lo:hi], planes[:, lo:hi], alphas[:, lo:hi], SIGNS, b[lo:hi]))
         return out.reshape(weight.shape)
 
 
@@ -282,6 +302,63 @@ class CodebookOnDevice(DeviceDelta):
 
     def block(self, lo, hi):
         return self._decode(self.signs[lo:hi], self.codes[:, lo:hi])
+
+
+class SignLists:
+    """The sign deltas of a layer's batch as the kernel takes them: numba typed lists of their
+    planes and alphas (building them costs microseconds an entry: the bank keeps one per layer
+    for a whole generate call)."""
+
+    def __init__(self, deltas: Sequence[SignOnDevice]):
+        from numba.typed import List
+
+        self.planes, self.alphas = List(), List()
+        for d in deltas:
+            self.planes.append(d.planes.numpy())
+            self.alphas.append(d.alphas.numpy())
+
+
+def linear_delta(x: torch.Tensor, parts: Sequence[tuple[torch.Tensor | None, DeviceDelta]],
+                 lists: Callable[[Sequence[SignOnDevice]], SignLists] = SignLists) -> torch.Tensor:
+    """float32 [m, rows]: row t is ``x[t] @ delta^T`` of the delta whose part serves token t, for
+    x [m, cols] and parts (the tokens a delta serves, None: all; the delta); tokens no part serves
+    get zeros. The CPU sign deltas with few tokens each run in one lookup-table call (``lists``
+    builds, or recalls, their typed lists); every other part is its own product."""
+    m = x.shape[0]
+    shape = (m, parts[0][1].rows)  # numpy's zeros on the CPU: torch's fill wakes its thread pool
+    out = torch.from_numpy(np.zeros(shape, np.float32)) if x.device.type == "cpu" else \
+        torch.zeros(shape, dtype=torch.float32, device=x.device)
+    lut: list[tuple[torch.Tensor | None, SignOnDevice]] = []
+    others: list[tuple[torch.Tensor | None, DeviceDelta]] = []
+    for tokens, delta in parts:
+        count = m if tokens is None else tokens.numel()
+        if isinstance(delta, SignOnDevice) and delta.cpu_kernels and count <= LUT_MAX_TOKENS:
+            lut.append((tokens, delta))
+        else:
+            others.append((tokens, delta))
+    if lut:
+        from .kernels import sign_products
+
+        served = [np.arange(m) if t is None else t.numpy() for t, _ in lut]
+        order = np.concatenate(served).astype(np.int64)
+        which = np.repeat(np.arange(len(lut)), [len(t) for t in served])
+        kept = lists([d for _, d in lut])
+        xn, on = x.float().contiguous().numpy(), out.numpy()
+        rows, groups = out.shape[1], lut[0][1].planes.shape[-1]
+        work = len(order) * rows * groups
+        if len(order) >= torch.get_num_threads():  # threads take tokens: each builds its own tables
+            _split(len(order), work, lambda lo, hi: sign_products(
+                xn, order[lo:hi], which[lo:hi], kept.planes, kept.alphas, on, 0, rows,
+                np.empty((groups, 256), np.float32)))
+        else:  # a token or two: threads take rows (and each tabulates the tokens)
+            _split(rows, work, lambda lo, hi: sign_products(
+                xn, order, which, kept.planes, kept.alphas, on, lo, hi, np.empty((groups, 256), np.float32)))
+    for tokens, delta in others:
+        if tokens is None:
+            out += delta.matmul(x).float()
+        else:
+            out[tokens] = delta.matmul(x.index_select(0, tokens)).float()
+    return out
 
 
 def to_device(form: ServingForm, device: torch.device, dtype: torch.dtype) -> DeviceDelta:
