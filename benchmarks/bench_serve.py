@@ -178,6 +178,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
+    ap.add_argument("--doc", default=None, metavar="FILE",
+                    help="also write each part's table into FILE's bench_serve:PART block (docs/benchmarks.md)")
     args = ap.parse_args()
     if args.part in ("bank", "all"):
         r = bench_bank(args.out, args.variants, args.layers, args.dtype, args.prompt, args.new_tokens)
@@ -188,13 +190,26 @@ def main() -> None:
             f.write(text)
         with open(stem + ".json", "w") as f:
             json.dump(r, f, indent=1)
+        _to_doc(args.doc, "bank", text)
     if args.part in ("server", "all"):
-        bench_server(args)
+        _to_doc(args.doc, "server", server_report(bench_server(args)))
     if args.part == "kernels":
-        text = kernels_report(bench_kernels())
+        text = kernels_report(bench_kernels(), bench_dare())
         print(text)
         with open(os.path.join(args.results, "bench_serve_kernels.md"), "w") as f:
             f.write(text)
+        _to_doc(args.doc, "kernels", text)
+
+
+def _to_doc(doc: str | None, part: str, report_text: str) -> None:
+    """The report under its command, its title a plain line, into doc's bench_serve:PART block."""
+    if doc:
+        from docfill import fill_doc
+
+        title, rest = report_text.split("\n", 1)
+        when = time.strftime("%Y-%m-%d")
+        fill_doc(doc, f"bench_serve:{part}", f"`python benchmarks/bench_serve.py --part {part}` ({when}): "
+                 f"{title.lstrip('# ').split(': ', 1)[-1]}.\n{rest}")
 
 
 def bench_kernels(tokens=(1, 4, 16, 48, 128), repeat: int = 5) -> list[dict]:
@@ -229,7 +244,33 @@ def bench_kernels(tokens=(1, 4, 16, 48, 128), repeat: int = 5) -> list[dict]:
     return rows
 
 
-def kernels_report(rows: list[dict]) -> str:
+def bench_dare(p: float = 0.9, repeat: int = 5) -> dict:
+    """DARE's serving form: the CSR product of a gate_proj-shaped delta at 1 and 16 tokens against
+    what regenerating its mask from the seed costs per product (the alternative the issue names)."""
+    import numpy as np
+    import torch
+
+    from deltastream.dtypes import dtype_by_name
+    from deltastream.methods.base import ChunkContext
+    from deltastream.methods.dare import keep_mask
+    from deltastream.serve import layers
+    from deltastream.serve.forms import SparseDelta
+
+    r, c = QWEN_05B["intermediate_size"], QWEN_05B["hidden_size"]
+    ctx = ChunkContext("model.layers.0.mlp.gate_proj.weight", dtype_by_name("BF16"), (r, c), 0, r * c, seed=0)
+    regen_s, keep = _timed(lambda: keep_mask(ctx, p).copy(), repeat)
+    index = np.flatnonzero(keep)
+    form = SparseDelta((r, c), index, np.random.default_rng(0).standard_normal(index.size).astype(np.float32))
+    delta = layers.to_device(form, torch.device("cpu"), torch.bfloat16)
+    out = {"matrix": f"gate/up_proj {r}x{c}", "p": p, "kept": index.size, "regenerate_mask_ms": regen_s * 1e3}
+    for n in (1, 16):
+        x = torch.randn(n, c).bfloat16()
+        delta.matmul(x)
+        out[f"csr_ms_{n}"] = _timed(lambda x=x: delta.matmul(x), repeat)[0] * 1e3
+    return out
+
+
+def kernels_report(rows: list[dict], dare: dict) -> str:
     import torch
 
     lines = [f"# bench_serve --part kernels: one 1-bit variant's delta product, {torch.get_num_threads()} threads", "",
@@ -237,7 +278,12 @@ def kernels_report(rows: list[dict]) -> str:
     lines += [f"| {r['matrix']} | {r['tokens']} | {r['lut_ms']:.3f} | {r['block_ms']:.3f} | "
               f"{r['lut_ms'] / r['block_ms']:.2f}x |" for r in rows]
     note = "bf16 inputs; the bank takes the table up to layers.LUT_MAX_TOKENS tokens of a variant."
-    return "\n".join(lines + ["", note, ""])
+    lines += ["", note, "", f"DARE p={dare['p']} on {dare['matrix']} ({dare['kept']} kept): the CSR product "
+              f"{dare['csr_ms_1']:.3f} ms at 1 token, {dare['csr_ms_16']:.3f} ms at 16; regenerating the mask "
+              f"from the seed alone {dare['regenerate_mask_ms']:.3f} ms a product "
+              f"({dare['regenerate_mask_ms'] / dare['csr_ms_1']:.1f}x the CSR product at 1 token): the bank builds "
+              "the sparse index once."]
+    return "\n".join(lines + [""])
 
 
 # --- the server: `deltastream serve` under concurrent clients ---------------------------------

@@ -317,3 +317,9 @@ def test_linear_delta_mixes_sign_and_other_forms():
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
     assert (got[order[57:]] == 0).all()
 
+
+
+def test_serve_doc_states_the_lookup_table_threshold():
+    """docs/serve.md quotes layers.LUT_MAX_TOKENS: the number must be the code's."""
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "serve.md"), encoding="utf-8").read()
+    assert f"`LUT_MAX_TOKENS` = {LUT_MAX_TOKENS} tokens" in doc

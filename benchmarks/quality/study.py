@@ -24,7 +24,9 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
 
+from docfill import fill_doc  # noqa: E402
 from prepare import DEFAULT_CACHE, ROOT, held_out_loss, prepare  # noqa: E402
 
 from deltastream.analysis import Analyzer  # noqa: E402
@@ -223,19 +225,8 @@ def write_outputs(study: dict[str, Any], groups: list[Group], out: str, doc: str
         paths.append(os.path.join(out, "scatter.png"))
         plot_scatter(rows, paths[-1])
     if doc:
-        _fill_doc(doc, text)
+        fill_doc(doc, "study", text)
     return paths
-
-
-def _fill_doc(doc: str, text: str) -> None:
-    begin, end = "<!-- study:begin -->", "<!-- study:end -->"
-    with open(doc, encoding="utf-8") as f:
-        current = f.read()
-    if begin not in current or end not in current:
-        raise SystemExit(f"study: {doc} has no {begin} ... {end} block to fill")
-    head, rest = current.split(begin, 1)
-    with open(doc, "w", encoding="utf-8") as f:
-        f.write(head + begin + "\n" + text + end + rest.split(end, 1)[1])
 
 
 def _thin(sweep: Sweep) -> Sweep:

@@ -93,6 +93,7 @@ class _Route:
         self.device = device
         self._groups: dict[int, list[tuple[str, torch.Tensor | None]]] = {}
         self._lists: dict[tuple[int, ...], SignLists] = {}
+        self._tokens: dict[tuple[int, int], list[torch.Tensor | None]] = {}
 
     def sign_lists(self, deltas: Sequence[SignOnDevice]) -> SignLists:
         """The kernel's typed lists of these deltas, built once for the whole call (every step of
@@ -101,6 +102,17 @@ class _Route:
         got = self._lists.get(key)
         if got is None:
             got = self._lists[key] = SignLists(deltas)
+        return got
+
+    def tokens(self, batch: int, per_row: int) -> list[torch.Tensor | None]:
+        """Per group of groups(batch), the flat token indices of its rows in a [batch * per_row, ...]
+        input (None: every token)."""
+        got = self._tokens.get((batch, per_row))
+        if got is None:
+            steps = torch.arange(per_row, device=self.device)
+            got = [None if rows is None else (rows[:, None] * per_row + steps).reshape(-1)
+                   for _, rows in self.groups(batch)]
+            self._tokens[batch, per_row] = got
         return got
 
     def groups(self, batch: int) -> list[tuple[str, torch.Tensor | None]]:
@@ -298,21 +310,24 @@ class VariantBank:
         if route is None or self._rerunning:  # a module rerun on its rows: its own output as it is
             return None
         x = args[0] if args else next(iter(kwargs.values()))
-        groups = [(rows, deltas) for name, rows in route.groups(x.shape[0])
-                  if (deltas := self._module_deltas(module, name))]
-        if groups and isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward:
-            return self._add_linear(groups, x, output, route)
-        for rows, deltas in groups:
-            output = self._add_variant(module, deltas, rows, args, kwargs, x, output)
+        if isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward:
+            return self._add_linear(module, x, output, route)
+        for name, rows in route.groups(x.shape[0]):
+            deltas = self._module_deltas(module, name)
+            if deltas:
+                output = self._add_variant(module, deltas, rows, args, kwargs, x, output)
         return output
 
-    def _add_linear(self, groups, x, output, route: _Route):
+    def _add_linear(self, module, x, output, route: _Route):
         """A linear layer's output plus every variant's delta for its rows: one product per
         layer for all the sign deltas (layers.linear_delta), then one add."""
         flat = x.reshape(-1, x.shape[-1])
-        per_row = flat.shape[0] // x.shape[0]
-        served = [(None if rows is None else (rows[:, None] * per_row + torch.arange(per_row, device=x.device))
-                   .reshape(-1), deltas) for rows, deltas in groups]
+        batch = x.shape[0]
+        served = [(tokens, deltas) for (name, _), tokens in zip(route.groups(batch),
+                                                                route.tokens(batch, flat.shape[0] // batch))
+                  if (deltas := self._module_deltas(module, name))]
+        if not served:
+            return output
         parts = [(tokens, deltas["weight"]) for tokens, deltas in served if "weight" in deltas]
         delta = (linear_delta(flat, parts, route.sign_lists) if parts
                  else torch.zeros(flat.shape[0], output.shape[-1], dtype=torch.float32, device=x.device))
