@@ -191,13 +191,16 @@ def extract_lora(base: str, fine_tune: str, out: str, *, rank: int | None = None
     or the smallest rank keeping ``energy`` of its delta energy (bounded by the other two);
     ``modules_to_save`` also stores the tensors LoRA cannot express. Returns the report: per
     tensor and in total, the fraction of the delta's energy kept."""
+    from .jobs.tensors import STATE_BUDGET
     from .lora.extract import ExtractRank
     from .lora.extract import extract_lora as extract_job
     from .methods.lowrank import LowRank
 
     options = run_options(workers, scheduler, progress, client)
     choice = ExtractRank(rank, rank_fraction, energy)
+    budget = parse_size(memory, "memory budget") if memory is not None else DEFAULT_MEMORY_BYTES
     return extract_job(base, fine_tune, out, choice, modules_to_save=modules_to_save, base_name=base_name,
                        dtype=dtype, oversample=oversample, power_iters=power_iters,
                        chunk_bytes=effective_chunk_bytes(chunk_size, memory, options, LowRank()),
-                       seed=parse_seed(seed), overwrite=overwrite, options=options)
+                       seed=parse_seed(seed), overwrite=overwrite, options=options,
+                       state_budget=min(STATE_BUDGET, max(budget // 4, 1 << 20)))

@@ -43,9 +43,11 @@ def test_memory_formula_in_the_docs_is_the_codes():
 
 
 def test_which_commands_take_run_options_is_what_the_docs_say():
-    assert commands_with("--workers") == {"compress", "edit", "merge", "apply", "verify"}
+    running = ["compress", "edit", "merge", "apply", "verify", "extract-lora"]  # the order the docs list them in
+    assert commands_with("--workers") == set(running)
     assert commands_with("--resume") == {"compress", "edit", "merge", "apply"}
-    assert "## Options every running command takes (compress, edit, merge, apply, verify)" in read("docs", "cli.md")
+    assert f"## Options every running command takes ({', '.join(running)})" in read("docs", "cli.md")
     readme = read("README.md")
-    assert "`compress`, `edit`, `merge`, `apply` and `verify` take `--workers N`" in readme
-    assert "all but `verify` take `--resume`" in readme
+    listed = ", ".join(f"`{c}`" for c in running[:-1]) + f" and `{running[-1]}`"
+    assert f"{listed} take `--workers N`" in readme
+    assert "all but `verify` and `extract-lora` take `--resume`" in readme

@@ -252,6 +252,27 @@ def test_extract_modules_to_save_and_energy(pair, tmp_path, capsys):
     assert again["lora_fraction"] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_extract_workers_and_scheduler_do_not_change_the_bits(pair, tmp_path, capsys):
+    """``--workers`` and ``--scheduler`` reach the passes: the adapter is the same bytes for 1
+    or 2 worker threads and dask's synchronous scheduler, at a chunk size that splits every matrix."""
+    _, base, ft = pair
+    runs = [("--workers", "1"), ("--workers", "2"), ("--scheduler", "sync")]
+    for i, flags in enumerate(runs):
+        assert run_cli("extract-lora", base, ft, "-o", tmp_path / f"a{i}", "--rank", "3", "--modules-to-save",
+                       "--chunk-size", "1KiB", *flags, "-q") == 0
+    files = [{n: (tmp_path / f"a{i}" / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors")}
+             for i in range(len(runs))]
+    assert files[0] == files[1] == files[2]
+    # nor does the batching of the matrices' sketch state (a quarter of --memory): one matrix a batch here
+    from deltastream.lora.extract import ExtractRank, extract_lora
+
+    extract_lora(base, ft, str(tmp_path / "c"), ExtractRank(rank=3), modules_to_save=True, chunk_bytes=1024,
+                 state_budget=1)
+    assert files[0] == {n: (tmp_path / "c" / n).read_bytes() for n in files[0]}
+    assert run_cli("extract-lora", base, ft, "-o", tmp_path / "b", "--rank", "3", "--workers", "0", "-q") == 2
+    assert "--workers" in error_line(capsys)
+
+
 def test_extract_errors(pair, tmp_path, capsys):
     _, base, ft = pair
     assert run_cli("extract-lora", base, ft, "-o", tmp_path / "a", "-q") == 2

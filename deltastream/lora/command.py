@@ -43,7 +43,9 @@ def add_parser(sub) -> None:
     g.add_argument("--chunk-size", default=None, metavar="SIZE", help="bytes of each tensor per task (default 32MiB)")
     g.add_argument("--memory", default=None, metavar="SIZE", help="memory budget for chunks in flight (default 1GiB)")
     p.add_argument("--overwrite", action="store_true", help="replace ADAPTER_DIR if it exists")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    from ..cli import _add_run_options  # --workers, --scheduler, --cluster, --quiet as the other streamed commands
+
+    _add_run_options(p, resume=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
                           energy=args.energy, modules_to_save=args.modules_to_save, base_name=args.base_name,
                           dtype=args.dtype, oversample=args.oversample, power_iters=args.power_iters,
                           chunk_size=args.chunk_size, memory=args.memory, seed=args.seed, overwrite=args.overwrite,
-                          progress=None if not args.quiet else False)
+                          workers=args.workers, scheduler=args.scheduler, progress=None if not args.quiet else False,
+                          client=getattr(args, "client", None))
     print(format_report(report, args.verbose))
     if args.json:
         partial = f"{args.json}.partial-{os.getpid()}"

@@ -24,10 +24,10 @@ reported, and with ``modules_to_save`` written whole into the adapter under PEFT
 (``base_model.model.<tensor>``), each chunk copied from the fine-tune.
 
 Output: ``adapter_config.json`` and ``adapter_model.safetensors`` in a folder made under
-``OUT.partial`` and renamed into place. The factors of each batch of matrices (the job's state
-budget) are appended to a spill file there as soon as they are known, so the driver holds one
-batch's factors at a time; the safetensors file is that data behind its header, written once all
-ranks are known.
+``OUT.partial`` and renamed into place. The factors of each batch of matrices (their sketch state
+within a quarter of ``--memory``, at most 256 MiB) are appended to a spill file there as soon as
+they are known, so the driver holds one batch's factors at a time; the safetensors file is that
+data behind its header, written once all ranks are known.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from ..dtypes import DTYPES, DType, from_float32, to_float32
 from ..engine import RunOptions, run_reduce
 from ..engine.atomic import atomic_output
 from ..errors import ParameterError, escape
-from ..jobs.tensors import TensorJob, batches, run_stats_passes
+from ..jobs.tensors import STATE_BUDGET, TensorJob, batches, run_stats_passes
 from ..methods.base import combine_partials
 from ..methods.lowrank import LowRank
 from ..plan import DEFAULT_CHUNK_BYTES, TensorPlan, pair_tensors
@@ -166,9 +166,11 @@ def _energies(plans: list[TensorPlan], options: RunOptions) -> dict[str, dict]:
 def extract_lora(base: str, fine_tune: str, out: str, choice: ExtractRank, *, modules_to_save: bool = False,
                  base_name: str | None = None, dtype: str = "float32", oversample: int = 8, power_iters: int = 2,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, seed: int = 0, overwrite: bool = False,
-                 options: RunOptions = RunOptions()) -> dict:
+                 options: RunOptions = RunOptions(), state_budget: int = STATE_BUDGET) -> dict:
     """Write the PEFT adapter of fine_tune's delta against base to the folder ``out``; return the
-    report (per tensor and in total: the rank, the delta energy and the fraction kept)."""
+    report (per tensor and in total: the rank, the delta energy and the fraction kept).
+    ``state_budget``: the sketch state the matrices of one batch may hold together (the API
+    gives a quarter of the memory budget, at most STATE_BUDGET); it changes no bit of the output."""
     if dtype not in FACTOR_DTYPES:
         raise ParameterError(f"extract-lora: --dtype must be one of {', '.join(FACTOR_DTYPES)}, not '{escape(dtype)}'")
     factor_dtype = DTYPES[FACTOR_DTYPES[dtype]]
@@ -187,7 +189,7 @@ def extract_lora(base: str, fine_tune: str, out: str, choice: ExtractRank, *, mo
         header: dict[str, dict] = {}
         rows: list[dict] = []
         with open(spill, "wb") as f:
-            for batch in batches(jobs):
+            for batch in batches(jobs, state_budget):
                 run_stats_passes(batch, seed, options, post=False)
                 for job in batch:
                     rows.append(_write_factors(f, header, job, choice, factor_dtype))

@@ -23,7 +23,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a base and its compressed fine-tunes over an OpenAI-compatible HTTP API")
     p.add_argument("base", help="base checkpoint folder (a transformers causal LM with its tokenizer)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=ARTIFACT",
-                   help="serve this artifact of BASE as model NAME, repeatable")
+                   help="serve this artifact of BASE (or a PEFT LoRA adapter folder over BASE) as model NAME, "
+                        "repeatable")
     p.add_argument("--base-name", default=None, metavar="NAME",
                    help="the model name of the base itself (default: BASE's folder name)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
