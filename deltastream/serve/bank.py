@@ -26,6 +26,11 @@ one variant (no per-call delta products).
 
 **Threads.** One caller at a time: a lock serializes add, remove, use, logits and generate (the
 server calls them from its one worker thread); ``logits``/``generate`` inside ``use`` are refused.
+On the CPU with N >= 2 torch threads (``bank.overlap``, on by default), a mixed batch runs each
+linear's delta products on the bank's own thread while torch computes the base product with N - 1
+threads, and the calling thread joins in on what is left (layers.DeltaJob): torch's thread count
+is N - 1 for the duration of the call. Sequentially, torch's OpenMP workers spin after each
+product and slow the numba kernels that follow on the same cores.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -45,7 +51,7 @@ from ..dtypes import to_float32
 from ..errors import ArtifactError, DeltastreamError, MismatchError, ParameterError, escape, show, tensor_context
 from ..methods.base import ChunkContext
 from ..sources import ArtifactSource, is_artifact, open_model, read_pair_base
-from .layers import DeviceDelta, SignLists, SignOnDevice, is_zero, linear_delta, to_device
+from .layers import DeltaJob, DeviceDelta, SignLists, SignOnDevice, is_zero, to_device
 
 __all__ = ["VariantBank", "UnknownVariantError"]
 
@@ -94,6 +100,9 @@ class _Route:
         self._groups: dict[int, list[tuple[str, torch.Tensor | None]]] = {}
         self._lists: dict[tuple[int, ...], SignLists] = {}
         self._tokens: dict[tuple[int, int], list[torch.Tensor | None]] = {}
+        #: the thread the linears' delta products run on beside the base product (None: after it)
+        self.overlap: ThreadPoolExecutor | None = None
+        self.pending: dict[torch.nn.Module, DeltaJob] = {}
 
     def sign_lists(self, deltas: Sequence[SignOnDevice]) -> SignLists:
         """The kernel's typed lists of these deltas, built once for the whole call (every step of
@@ -133,6 +142,20 @@ class _Route:
                    for name in names]
         self._groups[batch] = got
         return got
+
+
+def _linear_job(x: torch.Tensor, served: list, route: _Route) -> DeltaJob | None:
+    """The weight deltas' products of a linear layer for every group of the batch (None: no
+    group changes the weight, only biases)."""
+    parts = [(tokens, deltas["weight"]) for tokens, deltas in served if "weight" in deltas]
+    if not parts:
+        return None
+    return DeltaJob(x.reshape(-1, x.shape[-1]), parts, route.sign_lists, split=route.overlap is None)
+
+
+def _run_in_inference(job: DeltaJob) -> None:
+    with torch.inference_mode():  # grad mode is per thread
+        job.run()
 
 
 class _Variant:
@@ -203,7 +226,11 @@ class VariantBank:
                 self._owners.setdefault(canonical[id(p)], []).append((module, pname))
                 self._module_params.setdefault(module, {})[pname] = canonical[id(p)]
         self._rerunning = False
-        self._hooked: dict[torch.nn.Module, Any] = {}
+        self._hooked: dict[torch.nn.Module, list[Any]] = {}
+        self._overlap: ThreadPoolExecutor | None = None
+        #: on the CPU with 2+ torch threads, run each linear's delta products on a thread of their
+        #: own while torch computes the base product with the other threads (False: one after the other)
+        self.overlap = True
 
     # --- what the bank holds -----------------------------------------------------------------
     @property
@@ -259,7 +286,10 @@ class VariantBank:
             for pname in deltas:
                 for module, _ in self._owners[pname]:
                     if module not in self._hooked:
-                        self._hooked[module] = module.register_forward_hook(self._hook, with_kwargs=True)
+                        self._hooked[module] = [module.register_forward_hook(self._hook, with_kwargs=True)]
+                        if self._plain_linear(module):
+                            self._hooked[module].append(
+                                module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
 
     def _base_checkpoint(self) -> Checkpoint:
         if self._checkpoint is None:
@@ -302,15 +332,33 @@ class VariantBank:
             del self._variants[name]
             wanted = {m for v in self._variants.values() for p in v.deltas for m, _ in self._owners[p]}
             for module in [m for m in self._hooked if m not in wanted]:
-                self._hooked.pop(module).remove()
+                for handle in self._hooked.pop(module):
+                    handle.remove()
 
     # --- running ------------------------------------------------------------------------------
+    @staticmethod
+    def _plain_linear(module: torch.nn.Module) -> bool:
+        return isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward
+
+    def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """With overlap on (see _routed): start the linear's delta products on the bank's thread
+        while torch computes the base product on this one."""
+        route = self._route
+        if route is None or route.overlap is None or self._rerunning:
+            return
+        x = args[0] if args else next(iter(kwargs.values()))
+        served = self._linear_parts(module, x, route)
+        job = _linear_job(x, served, route) if served else None
+        if job is not None:
+            route.pending[module] = job
+            route.overlap.submit(_run_in_inference, job)
+
     def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         route = self._route
         if route is None or self._rerunning:  # a module rerun on its rows: its own output as it is
             return None
         x = args[0] if args else next(iter(kwargs.values()))
-        if isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward:
+        if self._plain_linear(module):
             return self._add_linear(module, x, output, route)
         for name, rows in route.groups(x.shape[0]):
             deltas = self._module_deltas(module, name)
@@ -319,18 +367,17 @@ class VariantBank:
         return output
 
     def _add_linear(self, module, x, output, route: _Route):
-        """A linear layer's output plus every variant's delta for its rows: one product per
-        layer for all the sign deltas (layers.linear_delta), then one add."""
-        flat = x.reshape(-1, x.shape[-1])
-        batch = x.shape[0]
-        served = [(tokens, deltas) for (name, _), tokens in zip(route.groups(batch),
-                                                                route.tokens(batch, flat.shape[0] // batch))
-                  if (deltas := self._module_deltas(module, name))]
+        """The linear's output plus every group's weight delta (the job the pre-hook started, this
+        thread joining in; or one made here) and bias delta."""
+        served = self._linear_parts(module, x, route)
         if not served:
             return output
-        parts = [(tokens, deltas["weight"]) for tokens, deltas in served if "weight" in deltas]
-        delta = (linear_delta(flat, parts, route.sign_lists) if parts
-                 else torch.zeros(flat.shape[0], output.shape[-1], dtype=torch.float32, device=x.device))
+        job = route.pending.pop(module, None) or _linear_job(x, served, route)
+        if job is not None:
+            job.run()
+            delta = job.result()
+        else:
+            delta = torch.zeros(x.numel() // x.shape[-1], module.out_features, dtype=torch.float32, device=x.device)
         for tokens, deltas in served:
             if "bias" in deltas:
                 bias = deltas["bias"].dense().reshape(-1)
@@ -340,6 +387,14 @@ class VariantBank:
                     delta[tokens] += bias
         output += delta.reshape(output.shape).to(output.dtype)
         return output
+
+    def _linear_parts(self, module, x, route: _Route) -> list[tuple[torch.Tensor | None, dict[str, DeviceDelta]]]:
+        """(the flat tokens of a group's rows, its variant's deltas of this linear) for each group
+        whose variant changes it."""
+        batch = x.shape[0]
+        per_row = x.numel() // x.shape[-1] // batch
+        return [(tokens, deltas) for (name, _), tokens in zip(route.groups(batch), route.tokens(batch, per_row))
+                if (deltas := self._module_deltas(module, name))]
 
     def _module_deltas(self, module: torch.nn.Module, name: str) -> dict[str, DeviceDelta]:
         variant = self._variants[name].deltas
@@ -384,10 +439,20 @@ class VariantBank:
                 self._variant(v)
         if self._using is not None:
             raise ParameterError(f"logits and generate run mixed batches: not inside use({show(self._using)})")
-        self._route = _Route(variants, self.device) if any(v is not None for v in variants) else None
+        route = _Route(variants, self.device) if any(v is not None for v in variants) else None
+        threads = torch.get_num_threads()
+        overlap = route is not None and self.device.type == "cpu" and threads >= 2 and self.overlap
+        if route is not None and overlap:
+            if self._overlap is None:
+                self._overlap = ThreadPoolExecutor(1, thread_name_prefix="deltastream-bank-delta")
+            route.overlap = self._overlap
+            torch.set_num_threads(threads - 1)  # the delta thread has the core torch leaves
+        self._route = route
         try:
             yield
         finally:
+            if overlap:
+                torch.set_num_threads(threads)
             self._route = None
 
     def logits(self, input_ids: torch.Tensor, variants: Sequence[str | None],

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..kernels import _as_f32, _round_bf16
 
-__all__ = ["sign_products", "decode_signs", "sign_add_f32", "sign_add_bf16", "SIGNS"]
+__all__ = ["sign_products", "decode_signs", "unpack_signs", "sign_add_f32", "sign_add_bf16", "SIGNS", "UNIT_SIGNS"]
 
 # serial kernels run on the bank's own threads (layers._split): numba's parallel loops beside
 # torch's OpenMP threads ran 20-300x slower here (thread contention)
@@ -33,6 +33,10 @@ _pjit = numba.njit(nogil=True, cache=True, boundscheck=False)
 
 #: SIGNS[b, k]: +1.0 where bit 7 - k of the byte b is set (np.packbits' order), else -1.0
 SIGNS = np.where((np.arange(256)[:, None] >> (7 - np.arange(8))[None, :]) & 1, 1.0, -1.0).astype(np.float32)
+#: SIGNS as the bit patterns of +-1.0 in bf16 and float16, eight to a byte as two uint64 words:
+#: unpack_signs' tables
+UNIT_SIGNS = {name: np.where(SIGNS > 0, one, one | 0x8000).astype(np.uint16).view(np.uint64)
+              for name, one in (("bfloat16", 0x3F80), ("float16", 0x3C00))}
 
 
 @_pjit
@@ -111,6 +115,18 @@ def decode_signs(planes, alphas, signs, out):
     """out[r, c] = 0 + sum_j (+alphas[j, r] if bit c of planes[j, r] else -alphas[j, r])."""
     for r in range(out.shape[0]):
         _signed_row(planes, alphas, signs, r, out[r])
+
+
+@_pjit
+def unpack_signs(packed, table, out):
+    """Rows of one plane as +-1 in a 16-bit float: out (uint64 [rows, cols / 4], the float bits
+    four to a word) gets table[byte] (uint64 [256, 2]: eight elements) for each packed byte."""
+    for r in range(packed.shape[0]):
+        line, o = packed[r], out[r]
+        for g in range(packed.shape[1]):
+            s = table[line[g]]
+            o[2 * g] = s[0]
+            o[2 * g + 1] = s[1]
 
 
 @_pjit

@@ -17,6 +17,8 @@ every variant's sign product in one kernel call, the other forms one product eac
 
 from __future__ import annotations
 
+import itertools
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,13 +29,13 @@ import torch
 from .forms import CodebookDelta, DenseDelta, ServingForm, SignDelta, SparseDelta, rows_cols
 
 __all__ = ["DeviceDelta", "DenseOnDevice", "SparseOnDevice", "SignOnDevice", "CodebookOnDevice", "to_device",
-           "is_zero", "linear_delta", "BLOCK_ELEMS", "LUT_MAX_TOKENS"]
+           "is_zero", "DeltaJob", "linear_delta", "BLOCK_ELEMS", "LUT_MAX_TOKENS"]
 
 #: elements of one decoded block of rows (16 MiB of float32)
 BLOCK_ELEMS = 1 << 22
 #: tokens of one variant up to which the CPU sign product runs the lookup-table kernel rather than
 #: block decode + BLAS (benchmarks/bench_serve.py --part kernels measures both)
-LUT_MAX_TOKENS = 16
+LUT_MAX_TOKENS = 8
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -253,7 +255,27 @@ class SignOnDevice(DeviceDelta):
     def matmul(self, x):
         if self.cpu_kernels and x.shape[0] <= LUT_MAX_TOKENS:
             return linear_delta(x, [(None, self)])
+        if self.cpu_kernels and x.dtype in (torch.bfloat16, torch.float16) and self.cols % 8 == 0:
+            return self._half_matmul(x)
         return super().matmul(x)
+
+    def _half_matmul(self, x):
+        """x in bf16/float16, columns a multiple of 8: each plane's block as +-1 in x's dtype (exact),
+        one half-precision GEMM (float32 accumulation, the product rounded to x's dtype) times alpha
+        in float32. The unpack runs on the calling thread: torch's OpenMP workers spin after each
+        GEMM and a second thread beside them ran slower, not faster."""
+        from .kernels import UNIT_SIGNS, unpack_signs
+
+        table = UNIT_SIGNS[str(x.dtype).removeprefix("torch.")]
+        out = torch.zeros((x.shape[0], self.rows), dtype=torch.float32)
+        step = max(1, BLOCK_ELEMS // self.cols)
+        signs = torch.empty((min(step, self.rows), self.cols), dtype=x.dtype)
+        words = signs.view(torch.uint16).numpy().view(np.uint64)
+        for lo, hi in self._blocks():
+            for j in range(self.planes.shape[0]):
+                unpack_signs(self.planes[j, lo:hi].numpy(), table, words[:hi - lo])
+                out[:, lo:hi] += (x @ signs[:hi - lo].T).float() * self.alphas[j, lo:hi]
+        return out
 
     def add_to(self, weight):
         if not (self.cpu_kernels and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()):
@@ -318,47 +340,103 @@ class SignLists:
             self.alphas.append(d.alphas.numpy())
 
 
-def linear_delta(x: torch.Tensor, parts: Sequence[tuple[torch.Tensor | None, DeviceDelta]],
-                 lists: Callable[[Sequence[SignOnDevice]], SignLists] = SignLists) -> torch.Tensor:
-    """float32 [m, rows]: row t is ``x[t] @ delta^T`` of the delta whose part serves token t, for
-    x [m, cols] and parts (the tokens a delta serves, None: all; the delta); tokens no part serves
-    get zeros. The CPU sign deltas with few tokens each run in one lookup-table call (``lists``
-    builds, or recalls, their typed lists); every other part is its own product."""
-    m = x.shape[0]
-    shape = (m, parts[0][1].rows)  # numpy's zeros on the CPU: torch's fill wakes its thread pool
-    out = torch.from_numpy(np.zeros(shape, np.float32)) if x.device.type == "cpu" else \
-        torch.zeros(shape, dtype=torch.float32, device=x.device)
-    lut: list[tuple[torch.Tensor | None, SignOnDevice]] = []
-    others: list[tuple[torch.Tensor | None, DeviceDelta]] = []
-    for tokens, delta in parts:
-        count = m if tokens is None else tokens.numel()
-        if isinstance(delta, SignOnDevice) and delta.cpu_kernels and count <= LUT_MAX_TOKENS:
-            lut.append((tokens, delta))
-        else:
-            others.append((tokens, delta))
-    if lut:
+class DeltaJob:
+    """A patched linear layer's whole delta for a mixed batch, float32 [m, rows]: row t is
+    ``x[t] @ delta^T`` of the delta whose part serves token t (parts: the tokens a delta serves,
+    None: all; the delta); tokens no part serves get zeros.
+
+    The CPU sign deltas with at most LUT_MAX_TOKENS tokens each go through the lookup-table kernel
+    (``lists`` builds, or recalls, their typed lists); every other part is its own product. The
+    work is items (a token of the table kernel, or a part) that any number of threads take in
+    turn through :meth:`run`: the bank's delta thread starts while torch computes the base
+    product, and the calling thread joins in when that is done. With ``split``, the table
+    kernel is one item split over torch.get_num_threads() threads instead (no base to overlap)."""
+
+    def __init__(self, x: torch.Tensor, parts: Sequence[tuple[torch.Tensor | None, DeviceDelta]],
+                 lists: Callable[[Sequence[SignOnDevice]], SignLists] = SignLists, split: bool = False):
+        m = x.shape[0]
+        shape = (m, parts[0][1].rows)  # numpy's zeros on the CPU: torch's fill wakes its thread pool
+        self.out = torch.from_numpy(np.zeros(shape, np.float32)) if x.device.type == "cpu" else \
+            torch.zeros(shape, dtype=torch.float32, device=x.device)
+        self.x = x
+        lut: list[tuple[torch.Tensor | None, SignOnDevice]] = []
+        self.others: list[tuple[torch.Tensor | None, DeviceDelta]] = []
+        for tokens, delta in parts:
+            count = m if tokens is None else tokens.numel()
+            if isinstance(delta, SignOnDevice) and delta.cpu_kernels and count <= LUT_MAX_TOKENS:
+                lut.append((tokens, delta))
+            else:
+                self.others.append((tokens, delta))
+        self.split = split
+        self.lut_items = 0
+        if lut:
+            served = [np.arange(m) if t is None else t.numpy() for t, _ in lut]
+            self.order = np.concatenate(served).astype(np.int64)
+            self.which = np.repeat(np.arange(len(lut)), [len(t) for t in served])
+            self.kept = lists([d for _, d in lut])
+            self.xn = x.float().contiguous().numpy()
+            self.groups = lut[0][1].planes.shape[-1]
+            self.lut_items = 1 if split else len(self.order)
+        self.items = self.lut_items + len(self.others)
+        self._next = itertools.count()
+        self._finished = 0
+        self._error: BaseException | None = None
+        self._done = threading.Condition()
+
+    def run(self) -> None:
+        """Take items until none is left (any thread, any number of times)."""
+        table = np.empty((getattr(self, "groups", 0), 256), np.float32) if self.lut_items else None
+        while (i := next(self._next)) < self.items:
+            try:
+                if i < self.lut_items:
+                    self._lut(i, table)
+                else:
+                    self._part(*self.others[i - self.lut_items])
+            except BaseException as e:  # noqa: BLE001 -- handed to result()
+                self._error = e
+            with self._done:
+                self._finished += 1
+                if self._finished == self.items:
+                    self._done.notify_all()
+
+    def result(self) -> torch.Tensor:
+        """The delta, once every item is done (run() first, or another thread's)."""
+        with self._done:
+            self._done.wait_for(lambda: self._finished == self.items)
+        if self._error is not None:
+            raise self._error
+        return self.out
+
+    def _lut(self, i: int, table) -> None:
         from .kernels import sign_products
 
-        served = [np.arange(m) if t is None else t.numpy() for t, _ in lut]
-        order = np.concatenate(served).astype(np.int64)
-        which = np.repeat(np.arange(len(lut)), [len(t) for t in served])
-        kept = lists([d for _, d in lut])
-        xn, on = x.float().contiguous().numpy(), out.numpy()
-        rows, groups = out.shape[1], lut[0][1].planes.shape[-1]
-        work = len(order) * rows * groups
+        on, rows = self.out.numpy(), self.out.shape[1]
+        order, which, kept = self.order, self.which, self.kept
+        if not self.split:
+            sign_products(self.xn, order[i:i + 1], which[i:i + 1], kept.planes, kept.alphas, on, 0, rows, table)
+            return
+        work = len(order) * rows * self.groups
         if len(order) >= torch.get_num_threads():  # threads take tokens: each builds its own tables
             _split(len(order), work, lambda lo, hi: sign_products(
-                xn, order[lo:hi], which[lo:hi], kept.planes, kept.alphas, on, 0, rows,
-                np.empty((groups, 256), np.float32)))
+                self.xn, order[lo:hi], which[lo:hi], kept.planes, kept.alphas, on, 0, rows,
+                np.empty((self.groups, 256), np.float32)))
         else:  # a token or two: threads take rows (and each tabulates the tokens)
             _split(rows, work, lambda lo, hi: sign_products(
-                xn, order, which, kept.planes, kept.alphas, on, lo, hi, np.empty((groups, 256), np.float32)))
-    for tokens, delta in others:
+                self.xn, order, which, kept.planes, kept.alphas, on, lo, hi, np.empty((self.groups, 256), np.float32)))
+
+    def _part(self, tokens: torch.Tensor | None, delta: DeviceDelta) -> None:
         if tokens is None:
-            out += delta.matmul(x).float()
+            self.out += delta.matmul(self.x).float()
         else:
-            out[tokens] = delta.matmul(x.index_select(0, tokens)).float()
-    return out
+            self.out[tokens] = delta.matmul(self.x.index_select(0, tokens)).float()
+
+
+def linear_delta(x: torch.Tensor, parts: Sequence[tuple[torch.Tensor | None, DeviceDelta]],
+                 lists: Callable[[Sequence[SignOnDevice]], SignLists] = SignLists) -> torch.Tensor:
+    """DeltaJob's delta, computed here (the table kernel split over torch's thread count)."""
+    job = DeltaJob(x, parts, lists, split=True)
+    job.run()
+    return job.result()
 
 
 def to_device(form: ServingForm, device: torch.device, dtype: torch.dtype) -> DeviceDelta:
