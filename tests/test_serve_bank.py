@@ -323,3 +323,49 @@ def test_serve_doc_states_the_lookup_table_threshold():
     """docs/serve.md quotes layers.LUT_MAX_TOKENS: the number must be the code's."""
     doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "serve.md"), encoding="utf-8").read()
     assert f"`LUT_MAX_TOKENS` = {LUT_MAX_TOKENS} tokens" in doc
+
+
+def test_overlap_gives_the_sequential_bits_and_restores_threads(zoo):
+    """The delta products on the bank's thread beside the base product (bank.overlap) are the same
+    sums as one after the other: the same logits bit for bit; torch's thread count comes back."""
+    bank, names = zoo["bank"], [*VARIANTS, None, "bd"]
+    ids = _ids(len(names), seed=4)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        bank.overlap = False
+        sequential = bank.logits(ids, names)
+        bank.overlap = True
+        overlapped = bank.logits(ids, names)
+        assert torch.get_num_threads() == 2
+        bank.overlap = True
+        out = bank.generate(ids, names, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        bank.overlap = False
+        assert torch.equal(out, bank.generate(ids, names, max_new_tokens=3, do_sample=False, pad_token_id=0))
+    finally:
+        bank.overlap = True
+        torch.set_num_threads(saved)
+    assert torch.equal(sequential, overlapped)
+
+
+def test_delta_job_shared_by_threads_equals_linear_delta():
+    """Items taken by four threads in any order: each output row is written by one item."""
+    import threading
+
+    from deltastream.serve.layers import DeltaJob
+
+    rng = np.random.default_rng(5)
+    rows, cols, m = 16, 24, 40
+    bits, alphas = _random_signs(rng, 3, 1, rows, cols)
+    signs = [SignOnDevice(SignDelta((rows, cols), (np.packbits(b[0], axis=1),), a), torch.device("cpu"))
+             for b, a in zip(bits, alphas)]
+    x = torch.from_numpy(rng.standard_normal((m, cols)).astype(np.float32))
+    parts = [(torch.arange(0, 5), signs[0]), (torch.arange(5, 10), signs[1]), (torch.arange(10, 30), signs[2])]
+    job = DeltaJob(x, parts)
+    threads = [threading.Thread(target=job.run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    job.run()
+    for t in threads:
+        t.join()
+    assert torch.equal(job.result(), linear_delta(x, parts))
