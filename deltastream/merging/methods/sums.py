@@ -71,11 +71,33 @@ def vectors_of(shape: tuple[int, ...], along: str) -> Vectors:
 @numba.njit(nogil=True, cache=True, boundscheck=False)
 def _sums(x, y, start, div, count, high, mid, low):
     """Signed (high, mid, low) grid parts of x[i] * y[i], into the element's vector; returns the
-    number of products left to the slow path (|p| >= 2^16, inf or NaN)."""
+    number of products left to the slow path (|p| >= 2^16, inf or NaN). Elements go by runs of
+    one vector (a whole chunk, a row), summed in registers: no division per element."""
     big = 0
+    n = x.size
+    i = 0
+    while i < n:
+        flat = start + i
+        run = min(n - i, div - flat % div)
+        h_sum, m_sum, l_sum, big_run = _run_sums(x, y, i, i + run)
+        g = (flat // div) % count
+        high[g] += h_sum
+        mid[g] += m_sum
+        low[g] += l_sum
+        big += big_run
+        i += run
+    return big
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _run_sums(x, y, lo, hi):
     two20 = 1048576.0
     two36 = 68719476736.0
-    for i in range(x.size):
+    h_sum = np.int64(0)
+    m_sum = np.int64(0)
+    l_sum = np.int64(0)
+    big = 0
+    for i in range(lo, hi):
         p = np.float64(x[i]) * np.float64(y[i])
         a = abs(p)
         if not a < _BIG:
@@ -85,17 +107,12 @@ def _sums(x, y, start, div, count, high, mid, low):
         h = math.floor(s)
         r = (s - h) * two36
         m = math.floor(r)
-        lo = math.floor((r - m) * two36)
-        g = ((start + i) // div) % count
-        if p < 0:
-            high[g] -= np.int64(h)
-            mid[g] -= np.int64(m)
-            low[g] -= np.int64(lo)
-        else:
-            high[g] += np.int64(h)
-            mid[g] += np.int64(m)
-            low[g] += np.int64(lo)
-    return big
+        part = math.floor((r - m) * two36)
+        sign = np.int64(-1) if p < 0 else np.int64(1)
+        h_sum += sign * np.int64(h)
+        m_sum += sign * np.int64(m)
+        l_sum += sign * np.int64(part)
+    return h_sum, m_sum, l_sum, big
 
 
 def product_sum(x: np.ndarray, y: np.ndarray, start: int = 0, vectors: Vectors = WHOLE):
