@@ -48,7 +48,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from memtrack import run_tracked  # noqa: E402
+from memtrack import run_tracked, warm  # noqa: E402
 
 from deltastream.checkpoint import open_checkpoint, read_bits  # noqa: E402
 from deltastream.dtypes import to_float32  # noqa: E402
@@ -57,16 +57,6 @@ from deltastream.synthetic import SHAPES, write_pair  # noqa: E402
 TARGET_TIME, TARGET_MEMORY, TARGET_ERROR = 0.5, 0.5, 0.01
 BLOCK_ELEMS = 4 << 20  # elements of D per row block
 PREFIX = "base_model.model."
-
-
-def warm(paths: list[str]) -> None:
-    """Read the inputs once so that both tools start with them in the page cache."""
-    for path in paths:
-        for name in sorted(os.listdir(path)):
-            if name.endswith(".safetensors"):
-                with open(os.path.join(path, name), "rb") as f:
-                    while f.read(64 << 20):
-                        pass
 
 
 class Adapter:

@@ -42,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from memtrack import run_tracked  # noqa: E402
+from memtrack import run_tracked, warm  # noqa: E402
 
 from deltastream.checkpoint import open_checkpoint, read_bits  # noqa: E402
 from deltastream.dtypes import to_float32  # noqa: E402
@@ -101,17 +101,6 @@ def config(path: str, method: str, base: str, fts: list[str]) -> str:
         f.write(f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}"
                 + (f"parameters: {glob}\n" if glob else "") + "dtype: float32\nout_dtype: bfloat16\n")
     return path
-
-
-def warm(paths: list[str]) -> None:
-    """Read the inputs once so that both tools start with them in the page cache (whoever ran
-    first would otherwise pay for the disk)."""
-    for path in paths:
-        for name in sorted(os.listdir(path)):
-            if name.endswith(".safetensors"):
-                with open(os.path.join(path, name), "rb") as f:
-                    while f.read(64 << 20):
-                        pass
 
 
 def _bf16_ordinal(bits: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["TrackResult", "run_tracked", "tree_pids", "read_status_kib", "system_busy_s"]
+__all__ = ["TrackResult", "run_tracked", "tree_pids", "read_status_kib", "system_busy_s", "warm"]
 
 
 @dataclass
@@ -196,3 +196,14 @@ if __name__ == "__main__":
           f"peak VmRSS={r.peak_rss / 2**20:.1f} MiB ru_maxrss={r.maxrss_kernel / 2**20:.1f} MiB "
           f"procs<={r.max_procs} samples={r.samples} other-processes-cpu={r.other_cpu_s:.2f}s", file=sys.stderr)
     sys.exit(r.returncode)
+
+
+def warm(paths: list[str]) -> None:
+    """Read the inputs' safetensors files once, so that each tool compared starts with them in the
+    page cache (whoever ran first would otherwise pay for the disk)."""
+    for path in paths:
+        for name in sorted(os.listdir(path)):
+            if name.endswith(".safetensors"):
+                with open(os.path.join(path, name), "rb") as f:
+                    while f.read(64 << 20):
+                        pass
