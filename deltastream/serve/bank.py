@@ -51,7 +51,7 @@ from ..dtypes import to_float32
 from ..errors import ArtifactError, DeltastreamError, MismatchError, ParameterError, escape, show, tensor_context
 from ..methods.base import ChunkContext
 from ..sources import ArtifactSource, is_artifact, open_model, read_pair_base
-from .layers import DeltaJob, DeviceDelta, SignLists, SignOnDevice, is_zero, to_device
+from .layers import DeltaJob, DeviceDelta, SignLists, SignOnDevice, is_zero, to_device, working_copies
 
 __all__ = ["VariantBank", "UnknownVariantError"]
 
@@ -481,10 +481,11 @@ class VariantBank:
             saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
             try:
                 with torch.no_grad():
-                    for pname, delta in variant.deltas.items():
-                        param = self._params[pname]
+                    params = [self._params[pname] for pname in variant.deltas]
+                    copies = working_copies([p.data for p in params])
+                    for param, delta, copy in zip(params, variant.deltas.values(), copies):
                         saved.append((param, param.data))
-                        param.data = delta.add_to(param.data)
+                        param.data = delta.add_to(param.data, copy)
                 self._using = name
                 yield self.model
             finally:

@@ -29,7 +29,7 @@ import torch
 from .forms import CodebookDelta, DenseDelta, ServingForm, SignDelta, SparseDelta, rows_cols
 
 __all__ = ["DeviceDelta", "DenseOnDevice", "SparseOnDevice", "SignOnDevice", "CodebookOnDevice", "to_device",
-           "is_zero", "DeltaJob", "linear_delta", "BLOCK_ELEMS", "LUT_MAX_TOKENS"]
+           "is_zero", "DeltaJob", "linear_delta", "working_copies", "BLOCK_ELEMS", "LUT_MAX_TOKENS"]
 
 #: elements of one decoded block of rows (16 MiB of float32)
 BLOCK_ELEMS = 1 << 22
@@ -84,6 +84,25 @@ def _empty_like(w: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.empty(tuple(w.shape), bits)).view(w.dtype)
 
 
+def working_copies(like: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Uninitialised tensors like each of ``like`` (None where not on the CPU): on the CPU, views
+    of one numpy buffer (one mapping, madvised onto huge pages as a whole), so that a switch's
+    copies fault in by 2 MiB pages where the kernel has them and go back with one unmap."""
+    cpu = [t.device.type == "cpu" and t.dtype in _NUMPY_BITS for t in like]
+    sizes = [-(-t.numel() * t.element_size() // 64) * 64 if c else 0 for t, c in zip(like, cpu)]
+    arena = np.empty(sum(sizes), np.uint8)
+    out: list[torch.Tensor | None] = []
+    at = 0
+    for t, c, size in zip(like, cpu, sizes):
+        if not c:
+            out.append(None)
+            continue
+        words = arena[at:at + t.numel() * t.element_size()].view(_NUMPY_BITS[t.dtype])
+        out.append(torch.from_numpy(words).view(t.dtype).reshape(t.shape))
+        at += size
+    return out
+
+
 def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -127,10 +146,11 @@ class DeviceDelta:
             torch.matmul(xf, self.block(lo, hi).T, out=out[:, lo:hi])
         return out
 
-    def add_to(self, weight: torch.Tensor) -> torch.Tensor:
-        """A new tensor: round(f32(weight) + delta) in weight's dtype (weight is not changed)."""
+    def add_to(self, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """round(f32(weight) + delta) in weight's dtype, into ``out`` (a tensor like weight) or a
+        new tensor; weight is not changed."""
         w = weight.reshape(self.rows, self.cols)
-        out = _empty_like(w)
+        out = _empty_like(w) if out is None else out.reshape(self.rows, self.cols)
         for lo, hi in self._blocks():
             out[lo:hi] = (w[lo:hi].float() + self.block(lo, hi)).to(w.dtype)
         return out.reshape(weight.shape)
@@ -277,13 +297,13 @@ class SignOnDevice(DeviceDelta):
                 out[:, lo:hi] += (x @ signs[:hi - lo].T).float() * self.alphas[j, lo:hi]
         return out
 
-    def add_to(self, weight):
+    def add_to(self, weight, out=None):
         if not (self.cpu_kernels and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()):
-            return super().add_to(weight)
+            return super().add_to(weight, out)
         from .kernels import SIGNS, sign_add_bf16, sign_add_f32
 
         w = weight.reshape(self.rows, self.cols)
-        out = _empty_like(w)
+        out = _empty_like(w) if out is None else out.reshape(self.rows, self.cols)
         planes, alphas = self.planes.numpy(), self.alphas.numpy()
         if w.dtype == torch.float32:
             a, b, kernel = w.numpy(), out.numpy(), sign_add_f32
