@@ -206,6 +206,33 @@ def verdict(row: dict) -> str:
     return "met" if not row["more"] else f"met ({row['more']} elements > 1 ulp, all cancellation)"
 
 
+def model_stock_t(base: str, fts: list[str], name: str) -> dict:
+    """model_stock's t on one tensor, as mergekit computes it (torch float32 sums) and exactly
+    (float64 sums of the exact float32 values), and how many of the tensor's bf16 outputs of
+    mergekit's own formula the difference alone moves: the cause of the two tools' differences."""
+    import torch
+
+    def read(folder: str) -> torch.Tensor:
+        info = open_checkpoint(folder).tensors[name]
+        return torch.from_numpy(to_float32(read_bits(info, 0, info.numel), info.dtype))
+
+    w0, ws = read(base), [read(f) for f in fts]
+
+    def t_of(dtype: torch.dtype) -> float:
+        a, b = (w.to(dtype) - w0.to(dtype) for w in ws)
+        cos = ((a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-6)).clamp(-1, 1)
+        return float(2 * cos / (1 + cos))
+
+    def merged(t: float) -> torch.Tensor:
+        t32 = torch.tensor(np.float32(t))
+        return (t32 * (ws[0] + ws[1]) / 2 + (1 - t32) * w0).bfloat16().view(torch.int16).int()
+
+    t32, t64 = t_of(torch.float32), t_of(torch.float64)
+    moved = (merged(t32) - merged(t64)).abs()
+    return {"tensor": name, "t_float32": t32, "t_exact": t64, "relative": abs(t32 - t64) / abs(t64),
+            "moved": int((moved > 0).sum()), "moved_more": int((moved > 1).sum()), "numel": moved.numel()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="0.5B")
@@ -277,6 +304,11 @@ def main() -> None:
             counts = "-" if r.get("ulps") is None else f"{r['one_ulp']} / {r['more']} ({r['cancel']})"
             line += f" {ulps_cell(r)} | {counts} | {f(r.get('layers'), '{}')} | {verdict(r)} |"
         lines.append(line)
+    if targets and "model_stock" in methods:
+        m = model_stock_t(base, fts[:2], "model.layers.3.mlp.down_proj.weight")
+        lines += ["", f"model_stock's t on {m['tensor']}: mergekit's float32 sums give {m['t_float32']:.6f}, the exact "
+                  f"sums {m['t_exact']:.6f} ({m['relative']:.1e} relative); in mergekit's own formula that alone moves "
+                  f"{m['moved']} of the tensor's {m['numel']} bf16 outputs ({m['moved_more']} by more than one ulp)."]
     if batch:
         one, four = batch
         lines += ["", f"Batch compression (lossless): one fine-tune {one.wall_s:.1f} s; four fine-tunes in one command "

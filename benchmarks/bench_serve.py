@@ -123,6 +123,9 @@ def bench_bank(out: str, variants: int = 8, layers: int = 24, dtype: str = "bflo
     bank.generate(ids[:, :4], names, **kw(2))  # warm-up, compile
     mixed_s, mixed = _timed(lambda: bank.generate(ids, names, **kw(new_tokens)))
     mixed_prefill_s, _ = _timed(lambda: bank.generate(ids, names, **kw(1)))
+    bank.overlap = False  # the delta products after each base product, on the same threads
+    sequential_s, _ = _timed(lambda: bank.generate(ids, names, **kw(new_tokens)))
+    bank.overlap = True
     base_s, _ = _timed(lambda: bank.generate(ids, [None] * variants, **kw(new_tokens)))
 
     refs = [AutoModelForCausalLM.from_pretrained(ds.apply(base, arts[i], os.path.join(out, f"rebuilt{i}"),
@@ -153,6 +156,7 @@ def bench_bank(out: str, variants: int = 8, layers: int = 24, dtype: str = "bflo
         "mixed_tokens_per_s": tokens / mixed_s, "one_by_one_tokens_per_s": tokens / one_by_one_s,
         "base_batch_tokens_per_s": tokens / base_s, "mixed_speedup": one_by_one_s / mixed_s,
         "mixed_prefill_s": mixed_prefill_s, "one_by_one_prefill_s": one_prefill_s,
+        "mixed_sequential_tokens_per_s": tokens / sequential_s,
         "mixed_decode_tokens_per_s": decode_tokens / (mixed_s - mixed_prefill_s),
         "one_by_one_decode_tokens_per_s": decode_tokens / (one_by_one_s - one_prefill_s),
         "decode_speedup": (one_by_one_s - one_prefill_s) / (mixed_s - mixed_prefill_s),
@@ -175,6 +179,8 @@ def report(r: dict) -> str:
         f"| switch (`use()` in and out, median of 3; target well under 1 s) | {r['switch_s']:.3f} s |",
         f"| the first switch of the process (fresh memory) | {r['first_switch_s']:.3f} s |",
         f"| mixed batch, {r['variants']} rows on {r['variants']} variants | {r['mixed_tokens_per_s']:.1f} tokens/s |",
+        f"| the same, `bank.overlap = False` (delta products after each base product) | "
+        f"{r['mixed_sequential_tokens_per_s']:.1f} tokens/s |",
         f"| same rows one by one on apply-rebuilt models | {r['one_by_one_tokens_per_s']:.1f} tokens/s |",
         f"| **mixed / one by one**, prompt + generation | **{r['mixed_speedup']:.2f}x** (target >= 2x) |",
         f"| prompt (generate 1 token): mixed / one by one | {r['mixed_prefill_s']:.2f} s / "

@@ -101,8 +101,9 @@ class _Route:
         self._lists: dict[tuple[int, ...], SignLists] = {}
         self._tokens: dict[tuple[int, int], list[torch.Tensor | None]] = {}
         #: the thread the linears' delta products run on beside the base product (None: after it)
-        self.overlap: ThreadPoolExecutor | None = None
-        self.pending: dict[torch.nn.Module, DeltaJob] = {}
+        self.delta_thread: ThreadPoolExecutor | None = None
+        #: a linear -> its groups' deltas and the job the pre-hook started on them
+        self.pending: dict[torch.nn.Module, tuple[list, DeltaJob]] = {}
 
     def sign_lists(self, deltas: Sequence[SignOnDevice]) -> SignLists:
         """The kernel's typed lists of these deltas, built once for the whole call (every step of
@@ -150,7 +151,7 @@ def _linear_job(x: torch.Tensor, served: list, route: _Route) -> DeltaJob | None
     parts = [(tokens, deltas["weight"]) for tokens, deltas in served if "weight" in deltas]
     if not parts:
         return None
-    return DeltaJob(x.reshape(-1, x.shape[-1]), parts, route.sign_lists, split=route.overlap is None)
+    return DeltaJob(x.reshape(-1, x.shape[-1]), parts, route.sign_lists, split=route.delta_thread is None)
 
 
 def _run_in_inference(job: DeltaJob) -> None:
@@ -227,7 +228,7 @@ class VariantBank:
                 self._module_params.setdefault(module, {})[pname] = canonical[id(p)]
         self._rerunning = False
         self._hooked: dict[torch.nn.Module, list[Any]] = {}
-        self._overlap: ThreadPoolExecutor | None = None
+        self._delta_thread: ThreadPoolExecutor | None = None
         #: on the CPU with 2+ torch threads, run each linear's delta products on a thread of their
         #: own while torch computes the base product with the other threads (False: one after the other)
         self.overlap = True
@@ -344,14 +345,14 @@ class VariantBank:
         """With overlap on (see _routed): start the linear's delta products on the bank's thread
         while torch computes the base product on this one."""
         route = self._route
-        if route is None or route.overlap is None or self._rerunning:
+        if route is None or route.delta_thread is None or self._rerunning:
             return
         x = args[0] if args else next(iter(kwargs.values()))
         served = self._linear_parts(module, x, route)
         job = _linear_job(x, served, route) if served else None
         if job is not None:
-            route.pending[module] = job
-            route.overlap.submit(_run_in_inference, job)
+            route.pending[module] = (served, job)
+            route.delta_thread.submit(_run_in_inference, job)
 
     def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         route = self._route
@@ -369,10 +370,15 @@ class VariantBank:
     def _add_linear(self, module, x, output, route: _Route):
         """The linear's output plus every group's weight delta (the job the pre-hook started, this
         thread joining in; or one made here) and bias delta."""
-        served = self._linear_parts(module, x, route)
-        if not served:
-            return output
-        job = route.pending.pop(module, None) or _linear_job(x, served, route)
+        pending = route.pending.pop(module, None)
+        job: DeltaJob | None
+        if pending is not None:
+            served, job = pending
+        else:
+            served = self._linear_parts(module, x, route)
+            if not served:
+                return output
+            job = _linear_job(x, served, route)
         if job is not None:
             job.run()
             delta = job.result()
@@ -443,9 +449,9 @@ class VariantBank:
         threads = torch.get_num_threads()
         overlap = route is not None and self.device.type == "cpu" and threads >= 2 and self.overlap
         if route is not None and overlap:
-            if self._overlap is None:
-                self._overlap = ThreadPoolExecutor(1, thread_name_prefix="deltastream-bank-delta")
-            route.overlap = self._overlap
+            if self._delta_thread is None:
+                self._delta_thread = ThreadPoolExecutor(1, thread_name_prefix="deltastream-bank-delta")
+            route.delta_thread = self._delta_thread
             torch.set_num_threads(threads - 1)  # the delta thread has the core torch leaves
         self._route = route
         try:

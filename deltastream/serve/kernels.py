@@ -5,7 +5,7 @@
 row r of plane j is set and ``-1`` where not, reading the packed bits directly (T-MAC /
 bitnet.cpp style): per token it tabulates the 256 signed sums each group of 8 input features can
 contribute (``cols / 8 * 256`` floats, in cache), then every packed byte of the weight is one
-table lookup and one add, eight rows at a time. One call serves every variant in the batch: the
+table lookup and one add, four rows at a time. One call serves every variant in the batch: the
 planes of each are an entry of a numba typed list, so a patched layer costs one call however many
 variants its batch mixes. The weight is read at 1 bit per element and never unpacked.
 
